@@ -1,0 +1,2 @@
+//! Shared building blocks every model family is assembled from.
+

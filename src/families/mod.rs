@@ -1,0 +1,2 @@
+//! Model families: small adapters over the shared blocks.
+
