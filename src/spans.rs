@@ -43,8 +43,11 @@ impl ImageSpan {
 /// shifts them by the row's left padding, see [`Spans::shifted`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Spans {
-    /// Sequence length.
+    /// Sequence length (padding included).
     pub len: usize,
+    /// Left padding in front of the sequence (0 unless batched).
+    #[serde(default)]
+    pub pad: usize,
     pub messages: Vec<MessageSpan>,
     pub images: Vec<ImageSpan>,
 }
@@ -59,6 +62,7 @@ impl Spans {
     pub fn shifted(&self, pad: usize) -> Spans {
         Spans {
             len: self.len + pad,
+            pad: self.pad + pad,
             messages: self
                 .messages
                 .iter()
@@ -94,10 +98,14 @@ impl Spans {
             ))
         };
         match name {
-            "all" => Ok((0, self.len)),
+            "all" => Ok((self.pad, self.len)),
             "last" | "decision" => Ok((self.last(), self.len)),
-            "first" => Ok((0, 1.min(self.len))),
-            "image" => self.images.first().map(|s| (s.start, s.end)).ok_or_else(err),
+            "first" => Ok((self.pad, (self.pad + 1).min(self.len))),
+            "image" => self
+                .images
+                .first()
+                .map(|s| (s.start, s.end))
+                .ok_or_else(err),
             "last_user" | "pressure" => self
                 .messages
                 .iter()
@@ -118,13 +126,19 @@ impl Spans {
                 .map(|m| (m.start, m.end))
                 .ok_or_else(err),
             _ => {
-                if let Some(k) = name.strip_prefix("image").and_then(|k| k.parse::<usize>().ok()) {
+                if let Some(k) = name
+                    .strip_prefix("image")
+                    .and_then(|k| k.parse::<usize>().ok())
+                {
                     self.images.get(k).map(|s| (s.start, s.end)).ok_or_else(err)
                 } else if let Some(k) = name
                     .strip_prefix("message")
                     .and_then(|k| k.parse::<usize>().ok())
                 {
-                    self.messages.get(k).map(|s| (s.start, s.end)).ok_or_else(err)
+                    self.messages
+                        .get(k)
+                        .map(|s| (s.start, s.end))
+                        .ok_or_else(err)
                 } else {
                     Err(err())
                 }
@@ -145,12 +159,34 @@ mod tests {
     fn table() -> Spans {
         Spans {
             len: 20,
+            pad: 0,
             messages: vec![
-                MessageSpan { role: "user".into(), index: 0, start: 1, end: 12 },
-                MessageSpan { role: "assistant".into(), index: 1, start: 12, end: 14 },
-                MessageSpan { role: "user".into(), index: 2, start: 14, end: 18 },
+                MessageSpan {
+                    role: "user".into(),
+                    index: 0,
+                    start: 1,
+                    end: 12,
+                },
+                MessageSpan {
+                    role: "assistant".into(),
+                    index: 1,
+                    start: 12,
+                    end: 14,
+                },
+                MessageSpan {
+                    role: "user".into(),
+                    index: 2,
+                    start: 14,
+                    end: 18,
+                },
             ],
-            images: vec![ImageSpan { index: 0, start: 3, end: 7, rows: 2, cols: 2 }],
+            images: vec![ImageSpan {
+                index: 0,
+                start: 3,
+                end: 7,
+                rows: 2,
+                cols: 2,
+            }],
         }
     }
 
