@@ -124,6 +124,7 @@ pub fn empty_state(model: &dyn Vlm, b: usize) -> DecodeState {
         valid: vec![Vec::new(); b],
         next_pos: vec![0; b],
         spans: vec![Spans::default(); b],
+        prefix_end: Vec::new(),
     }
 }
 

@@ -46,6 +46,9 @@ pub struct DecodeState {
     pub next_pos: Vec<u32>,
     /// Per row, the span table of the sequence so far (positions in the padded layout).
     pub spans: Vec<Spans>,
+    /// Per row, the end of the bidirectional prefix in the padded layout (prefix-LM families
+    /// such as PaliGemma; empty for causal families).
+    pub prefix_end: Vec<usize>,
 }
 
 impl DecodeState {
