@@ -76,6 +76,11 @@ impl DecodeState {
                 .iter()
                 .flat_map(|s| std::iter::repeat_n(s.clone(), n))
                 .collect(),
+            prefix_end: self
+                .prefix_end
+                .iter()
+                .flat_map(|&p| std::iter::repeat_n(p, n))
+                .collect(),
         })
     }
 }
