@@ -29,6 +29,7 @@ pub mod protocol;
 pub mod source;
 pub mod spans;
 pub mod store;
+pub mod synth_model;
 pub mod template;
 
 pub use error::{Error, Result};
