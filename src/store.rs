@@ -416,7 +416,14 @@ fn read_manifest(dir: &Path) -> Result<Option<StoreManifest>> {
     match std::fs::read(&path) {
         Ok(b) => serde_json::from_slice(&b)
             .map(Some)
-            .map_err(|e| Error::config(&path, format!("malformed store manifest: {e}"))),
+            .map_err(|e| {
+                Error::config(
+                    &path,
+                    format!(
+                        "not a store manifest ({e}); pass the store folder (RUN/store), not the run folder"
+                    ),
+                )
+            }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(Error::io(&path, e)),
     }
@@ -736,9 +743,10 @@ impl StoreWriter {
                 .pending
                 .get_mut(&name)
                 .ok_or_else(|| Error::msg(format!("internal: hook '{name}' not pending")))?;
-            p.bytes.reserve(t.len() * 4);
-            for x in t.iter() {
-                p.bytes.extend_from_slice(&x.to_le_bytes());
+            let start = p.bytes.len();
+            p.bytes.resize(start + t.len() * 4, 0);
+            for (dst, x) in p.bytes[start..].chunks_exact_mut(4).zip(t.iter()) {
+                dst.copy_from_slice(&x.to_le_bytes());
             }
         }
         self.pending_bytes += row_bytes;
@@ -823,6 +831,9 @@ impl StoreWriter {
             // Leave no partial lines behind, so that a retried commit stays consistent.
             let _ = f.set_len(before);
             return Err(Error::io(&index_path, e));
+        }
+        if before == 0 {
+            fsync_dir(&self.dir)?; // the index file's own directory entry
         }
 
         self.rows += n;
@@ -1102,7 +1113,7 @@ impl StoreReader {
         let picked: Vec<(&ShardInfo, &TensorEntry)> =
             rows.iter().map(|&r| entries[self.shard_pos(r)]).collect();
         let trailing = if picked.is_empty() {
-            Self::common_trailing(hook, &entries)?
+            entries[0].1.trailing().to_vec()
         } else {
             Self::common_trailing(hook, &picked)?
         };
@@ -1414,6 +1425,19 @@ mod tests {
             "{unk}"
         );
         assert!(StoreReader::open(&td.path().join("nope")).is_err());
+    }
+
+    #[test]
+    fn writer_pointed_at_a_run_folder_says_so() {
+        let td = tempfile::tempdir().unwrap();
+        std::fs::write(td.path().join(MANIFEST_FILE), r#"{"name": "run"}"#).unwrap();
+        let err = StoreWriter::create_or_resume(td.path(), &manifest())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("not a store manifest") && err.contains("RUN/store"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -25,7 +25,12 @@ fn manifest() -> StoreManifest {
 fn row(i: usize) -> (RowMeta, Vec<(String, ArrayD<f32>)>) {
     let meta = RowMeta {
         example_id: format!("ex{i}"),
-        condition: if i % 2 == 0 { "r1" } else { "r2:strong" }.into(),
+        condition: if i.is_multiple_of(2) {
+            "r1"
+        } else {
+            "r2:strong"
+        }
+        .into(),
         task: "t".into(),
         labels: BTreeMap::from([("i".to_string(), i as f64)]),
         ..Default::default()
