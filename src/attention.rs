@@ -122,7 +122,7 @@ pub fn key_regions(spans: &Spans, query: usize) -> Result<Vec<Region>> {
     if let Some(sink) = regions
         .iter()
         .zip(0..n)
-        .find(|(r, p)| **r != Region::Image && !spans.is_image(*p))
+        .find(|(r, p)| *p >= spans.pad && **r != Region::Image && !spans.is_image(*p))
         .map(|(_, p)| p)
     {
         regions[sink] = Region::Sink;
@@ -1781,6 +1781,7 @@ mod tests {
     /// 7..8, user pushback 8..10; the decision row is at 9.
     fn spans10() -> Spans {
         Spans {
+            pad: 0,
             len: 10,
             messages: vec![
                 MessageSpan {
@@ -1833,6 +1834,7 @@ mod tests {
         assert!(!r.contains(&Pressure));
         // BLIP-2 layout: image tokens first, the sink is the first non-image token.
         let s = Spans {
+                    pad: 0,
             len: 6,
             messages: vec![],
             images: vec![ImageSpan {
