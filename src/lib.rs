@@ -17,6 +17,7 @@
 
 pub mod attention;
 pub mod blocks;
+pub mod cli;
 pub mod error;
 pub mod export;
 pub mod families;

@@ -135,6 +135,34 @@ pub trait Vlm {
     ) -> Result<Tensor>;
     /// The language model (for the logit lens).
     fn decoder(&self) -> &Decoder;
+    /// The shape of a hook's tensor, symbolic where it depends on the input
+    /// (`b` batch, `s` sequence, `n` vision tokens, `dv` vision width).
+    fn hook_shape(&self, hp: &HookPoint) -> String {
+        use crate::hooks::{Site, Tower};
+        let i = self.info();
+        let dh = i.d_model / i.n_heads.max(1);
+        match hp {
+            HookPoint::Block { tower: Tower::Lm, site, .. } => match site {
+                Site::Q | Site::K | Site::V => format!("[b, s, heads, {dh}]"),
+                Site::Scores | Site::Pattern => format!("[b, {}, s, s]", i.n_heads),
+                _ => format!("[b, s, {}]", i.d_model),
+            },
+            HookPoint::Block { tower: Tower::Vision, site, .. } => match site {
+                Site::Q | Site::K | Site::V => "[b, n, heads, dh]".into(),
+                Site::Scores | Site::Pattern => "[b, heads, n, n]".into(),
+                _ => "[b, n, dv]".into(),
+            },
+            HookPoint::Block { tower: Tower::Qformer, site, .. } => match site {
+                Site::CrossPattern => "[b, heads, q, n]".into(),
+                Site::Scores | Site::Pattern => "[b, heads, q(+t), q(+t)]".into(),
+                _ => "[b, q(+t), dq]".into(),
+            },
+            HookPoint::LnFinal => format!("[b, s, {}]", i.d_model),
+            HookPoint::Logits => format!("[b, s, {}]", i.vocab_size),
+            HookPoint::VisionLnPost => "[b, dv] or [b, n, dv]".into(),
+            HookPoint::Deepstack(_) | HookPoint::Projector => format!("[b, m, {}]", i.d_model),
+        }
+    }
 }
 
 /// Options for loading a model.

@@ -1,0 +1,318 @@
+//! The command line: parse arguments, call the library, print. Every command is a library call
+//! underneath (see each module's docs).
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use clap::{Parser, Subcommand};
+
+use crate::blocks::LogitsFor;
+use crate::error::{Error, Result};
+use crate::families::{self, LoadOptions, Vlm};
+use crate::hooks::{HookCtx, HookSpec};
+use crate::template::Message;
+
+/// sycoscope: look inside vision-language models and find out why they give in to pushback.
+#[derive(Parser, Debug)]
+#[command(name = "sycoscope", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Model loading options shared by the commands that load a model.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// Checkpoint: a local folder in the Hugging Face layout, or a Hub id (owner/name[@rev]).
+    #[arg(long)]
+    pub model: String,
+    /// Compute dtype: f32, f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Device: cpu, cuda[:N] (feature cuda) or metal (feature metal).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// List a model's hook names with their shapes.
+    Hooks {
+        #[command(flatten)]
+        model: ModelArgs,
+    },
+    /// Run one forward and write the captured hooks (float32, batch-first) to a safetensors file.
+    Capture {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Image file(s), one per image part of the conversation.
+        #[arg(long, num_args = 1..)]
+        image: Vec<PathBuf>,
+        /// Conversation: a JSON list of messages (Hugging Face format), or an object with `messages`.
+        #[arg(long)]
+        messages: PathBuf,
+        /// Hooks to capture: names or globs with optional positions, e.g.
+        /// `blocks.*.hook_resid_post@last,blocks.3.attn.hook_pattern@last,projector.hook_out`.
+        #[arg(long, default_value = "")]
+        hooks: String,
+        /// Output file (.safetensors); a JSON sidecar with the prompt and span table is written beside it.
+        #[arg(long)]
+        out: PathBuf,
+        /// Use the `pixel_values` tensor of this safetensors file instead of preprocessing the image.
+        #[arg(long)]
+        pixel_values: Option<PathBuf>,
+        /// Do not append the assistant prefix after the last message.
+        #[arg(long)]
+        no_generation_prompt: bool,
+    },
+    /// Greedy generation for one image and a prompt.
+    Generate {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long)]
+        image: PathBuf,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long, default_value_t = 32)]
+        max_new_tokens: usize,
+    },
+    /// Write a seeded random-weight checkpoint (llava-hf layout) for demos and benchmarks.
+    SynthModel {
+        /// Architecture (llava).
+        #[arg(long, default_value = "llava")]
+        arch: String,
+        #[arg(long, default_value_t = 4)]
+        layers: usize,
+        #[arg(long, default_value_t = 128)]
+        hidden: usize,
+        #[arg(long, default_value_t = 4)]
+        heads: usize,
+        /// Key/value heads (defaults to --heads).
+        #[arg(long)]
+        kv_heads: Option<usize>,
+        /// MLP width (defaults to 2 x hidden... 11008/4096 ratio for large widths).
+        #[arg(long)]
+        intermediate: Option<usize>,
+        #[arg(long, default_value_t = 3)]
+        vision_layers: usize,
+        #[arg(long, default_value_t = 64)]
+        vision_hidden: usize,
+        #[arg(long, default_value_t = 4)]
+        vision_heads: usize,
+        #[arg(long)]
+        vision_intermediate: Option<usize>,
+        #[arg(long, default_value_t = 84)]
+        image_size: usize,
+        #[arg(long, default_value_t = 14)]
+        patch_size: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Weight dtype written: f32, f16 or bf16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+/// Parse a device string.
+pub fn parse_device(s: &str) -> Result<Device> {
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        s if s.starts_with("cuda") => {
+            let n = s.strip_prefix("cuda:").and_then(|n| n.parse().ok()).unwrap_or(0);
+            Device::new_cuda(n).map_err(|e| Error::input(format!("device '{s}': {e} (build with --features cuda)")))
+        }
+        "metal" => Device::new_metal(0).map_err(|e| Error::input(format!("device 'metal': {e} (build with --features metal)"))),
+        other => Err(Error::input(format!("unknown device '{other}': expected cpu, cuda[:N] or metal"))),
+    }
+}
+
+impl ModelArgs {
+    /// Load the model these arguments name.
+    pub fn load(&self) -> Result<Box<dyn Vlm>> {
+        let opts = LoadOptions {
+            dtype: crate::blocks::weights::parse_dtype(&self.dtype)?,
+            device: parse_device(&self.device)?,
+        };
+        families::load(&self.model, &opts)
+    }
+}
+
+/// Run the CLI; returns the process exit code.
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { 2 } else { 0 };
+        }
+    };
+    match run(cli.command) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: {e}");
+            1
+        }
+    }
+}
+
+/// Execute one command.
+pub fn run(cmd: Command) -> Result<()> {
+    match cmd {
+        Command::Hooks { model } => {
+            let m = model.load()?;
+            let info = m.info();
+            println!(
+                "{} ({}): {} LM layers, width {}, {} heads, vocab {}; {} vision layers",
+                info.dir.display(),
+                info.family,
+                info.n_layers,
+                info.d_model,
+                info.n_heads,
+                info.vocab_size,
+                info.vision_layers
+            );
+            for hp in m.hook_points() {
+                println!("{:<44} {}", hp.to_string(), m.hook_shape(&hp));
+            }
+            Ok(())
+        }
+        Command::Capture {
+            model,
+            image,
+            messages,
+            hooks,
+            out,
+            pixel_values,
+            no_generation_prompt,
+        } => {
+            let m = model.load()?;
+            capture(m.as_ref(), &image, &messages, &hooks, &out, pixel_values.as_deref(), !no_generation_prompt)
+        }
+        Command::Generate {
+            model,
+            image,
+            prompt,
+            max_new_tokens,
+        } => {
+            let m = model.load()?;
+            let img = crate::preprocess::load_image(&image)?;
+            let msgs = vec![Message::user_with_image(&prompt)];
+            let p = m.prepare(&msgs, &[img], true)?;
+            let ids = families::generate_greedy(m.as_ref(), &p, max_new_tokens, 0)?;
+            let text = m
+                .tokenizer()
+                .decode(&ids, true)
+                .map_err(|e| Error::msg(format!("decoding failed: {e}")))?;
+            println!("{}", p.prompt_text);
+            println!("{text}");
+            Ok(())
+        }
+        Command::SynthModel {
+            arch,
+            layers,
+            hidden,
+            heads,
+            kv_heads,
+            intermediate,
+            vision_layers,
+            vision_hidden,
+            vision_heads,
+            vision_intermediate,
+            image_size,
+            patch_size,
+            seed,
+            dtype,
+            out,
+        } => {
+            if arch != "llava" {
+                return Err(Error::input(format!("synth-model: unknown --arch '{arch}' (supported: llava)")));
+            }
+            let c = crate::synth_model::SynthLlavaConfig {
+                layers,
+                hidden,
+                heads,
+                kv_heads: kv_heads.unwrap_or(heads),
+                intermediate: intermediate.unwrap_or(if hidden >= 1024 { hidden * 11008 / 4096 } else { hidden * 2 }),
+                vision_layers,
+                vision_hidden,
+                vision_heads,
+                vision_intermediate: vision_intermediate.unwrap_or(vision_hidden * 4),
+                image_size,
+                patch_size,
+                seed,
+                init_std: 0.02,
+            };
+            let dt = crate::blocks::weights::parse_dtype(&dtype)?;
+            crate::synth_model::write_llava(&out, &c, dt)?;
+            println!("wrote a random-weight LLaVA checkpoint to {} (seed {seed})", out.display());
+            Ok(())
+        }
+    }
+}
+
+/// One forward with captures, written to `out` (safetensors) plus `out.json` (prompt, spans,
+/// shapes).
+pub fn capture(
+    m: &dyn Vlm,
+    images: &[PathBuf],
+    messages: &Path,
+    hooks: &str,
+    out: &Path,
+    pixel_values: Option<&Path>,
+    add_generation_prompt: bool,
+) -> Result<()> {
+    let text = crate::error::read_to_string(messages)?;
+    let msgs = crate::template::parse_messages(&text, messages)?;
+    let imgs: Vec<_> = images
+        .iter()
+        .map(|p| crate::preprocess::load_image(p))
+        .collect::<Result<_>>()?;
+    let mut p = m.prepare(&msgs, &imgs, add_generation_prompt)?;
+    if let Some(pv) = pixel_values {
+        let t = candle_core::safetensors::load(pv, &Device::Cpu)
+            .map_err(|e| Error::input(format!("{}: {e}", pv.display())))?;
+        let pv_t = t.get("pixel_values").ok_or_else(|| {
+            Error::input(format!("{}: no 'pixel_values' tensor (found: {})", pv.display(), t.keys().cloned().collect::<Vec<_>>().join(", ")))
+        })?;
+        m.set_pixel_values(&mut p, pv_t.clone())?;
+    }
+    let spec = HookSpec::parse_captures(hooks)?;
+    let resolved = spec.resolve(&m.hook_points())?;
+    let mut ctx = HookCtx::new(&resolved, vec![]);
+    let logits = m.forward(&[&p], &mut ctx, LogitsFor::All, None)?;
+    let mut tensors: Vec<(String, Tensor)> = Vec::new();
+    for (k, t) in &ctx.captures.tensors {
+        tensors.push((k.clone(), t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?));
+    }
+    let ids: Vec<i64> = p.ids.iter().map(|&x| x as i64).collect();
+    tensors.push(("input_ids".into(), Tensor::from_vec(ids, (1, p.ids.len()), &Device::Cpu)?));
+    tensors.push(("logits".into(), logits.to_dtype(DType::F32)?.to_device(&Device::Cpu)?));
+    let tmp = crate::error::tmp_path(out);
+    if let Some(d) = out.parent() {
+        if !d.as_os_str().is_empty() {
+            std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
+        }
+    }
+    let shapes: serde_json::Map<String, serde_json::Value> = tensors
+        .iter()
+        .map(|(k, t)| (k.clone(), serde_json::json!(t.dims())))
+        .collect();
+    candle_core::safetensors::save(&tensors.into_iter().collect(), &tmp)?;
+    std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))?;
+    let side = serde_json::json!({
+        "model": m.info().dir,
+        "prompt_text": p.prompt_text,
+        "spans": p.spans,
+        "shapes": shapes,
+    });
+    crate::error::write_atomic(out.with_extension("json"), &serde_json::to_vec_pretty(&side).unwrap_or_default())?;
+    println!("{}", p.prompt_text);
+    println!("{} tokens, image span(s): {}", p.ids.len(), p.spans.images.iter().map(|s| format!("[{}, {}) {}x{}", s.start, s.end, s.rows, s.cols)).collect::<Vec<_>>().join(", "));
+    for (k, v) in &shapes {
+        println!("  {k:<44} {v}");
+    }
+    println!("wrote {} and {}", out.display(), out.with_extension("json").display());
+    Ok(())
+}
