@@ -466,7 +466,11 @@ pub fn resolve_option(value: &str, options: &[String]) -> Result<usize> {
         .trim_end_matches(['.', ')', ':'])
         .trim();
     if stripped.len() == 1 {
-        let c = stripped.chars().next().unwrap_or(' ');
+        let mut c = stripped.chars().next().unwrap_or(' ');
+        // A lowercase letter ("b") is a letter unless it is an option's text.
+        if c.is_ascii_lowercase() && match_option_text(stripped, options).is_none() {
+            c = c.to_ascii_uppercase();
+        }
         if c.is_ascii_uppercase() {
             let i = (c as u8 - b'A') as usize;
             if i < n {
@@ -794,6 +798,7 @@ mod tests {
         assert_eq!(resolve_option("A. dog", &o).unwrap(), 0);
         assert_eq!(resolve_option("Horse", &o).unwrap(), 3);
         assert_eq!(resolve_option("cat.", &o).unwrap(), 1);
+        assert_eq!(resolve_option("c", &o).unwrap(), 2);
         let e = resolve_option("E", &o).unwrap_err().to_string();
         assert!(e.contains("outside the options (A-D)"), "{e}");
         assert!(resolve_option("zebra", &o).is_err());
