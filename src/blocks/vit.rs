@@ -110,3 +110,59 @@ impl Vit {
         })
     }
 }
+
+impl Vit {
+    /// Load one CLIP/SigLIP-style encoder layer: `layer_norm1`, `self_attn.{q,k,v,out}_proj`
+    /// (with biases), `layer_norm2`, `mlp.fc1` / `mlp.fc2`, full multi-head attention scaled by
+    /// `head_dim^-0.5`.
+    pub fn encoder_layer(
+        vb: candle_nn::VarBuilder,
+        d: usize,
+        n_heads: usize,
+        inter: usize,
+        eps: f64,
+        act: super::Activation,
+    ) -> Result<Block> {
+        use super::attention::{Attention, QkvProj};
+        use super::mlp::{linear, Mlp};
+        let dh = d / n_heads.max(1);
+        let a = vb.pp("self_attn");
+        Ok(Block {
+            norm1: Norm::layer(vb.pp("layer_norm1"), d, eps)?,
+            attn: Attention {
+                qkv: QkvProj::Separate {
+                    q: linear(a.pp("q_proj"), d, d, true)?,
+                    k: linear(a.pp("k_proj"), d, d, true)?,
+                    v: linear(a.pp("v_proj"), d, d, true)?,
+                },
+                o: linear(a.pp("out_proj"), d, d, true)?,
+                n_heads,
+                n_kv_heads: n_heads,
+                head_dim: dh,
+                scale: 1.0 / (dh as f64).sqrt(),
+                q_norm: None,
+                k_norm: None,
+            },
+            norm2: Norm::layer(vb.pp("layer_norm2"), d, eps)?,
+            mlp: Mlp::plain(vb.pp("mlp"), ("fc1", "fc2"), d, inter, d, act, true)?,
+        })
+    }
+
+    /// Run every block and return the tower's final output `[b, n, d]`: the post norm over all
+    /// tokens when there is one (SigLIP's `last_hidden_state`, hooked as
+    /// `vision.ln_post.hook_normalized`, so edits there reach the caller), else the last
+    /// block's output.
+    pub fn forward_final(&self, pixels: &Tensor, ctx: &mut HookCtx) -> Result<Tensor> {
+        let mut x = self.embed(pixels)?;
+        if let Some(n) = &self.pre_norm {
+            x = n.forward(&x)?;
+        }
+        for (j, blk) in self.blocks.iter().enumerate() {
+            x = blk.forward(x, None, None, None, ctx, Tower::Vision, j)?;
+        }
+        match &self.post_norm {
+            Some(n) => ctx.hook(HookPoint::VisionLnPost, n.forward(&x)?),
+            None => Ok(x),
+        }
+    }
+}
