@@ -136,6 +136,12 @@ pub trait Vlm {
     ) -> Result<Tensor>;
     /// The language model (for the logit lens).
     fn decoder(&self) -> &Decoder;
+    /// True when a longer conversation can be run by extending the cache of a shorter one
+    /// (causal families). Prefix-LM families (PaliGemma) attend bidirectionally over the whole
+    /// prompt, so a new turn needs a fresh forward.
+    fn supports_prefix_reuse(&self) -> bool {
+        true
+    }
     /// The shape of a hook's tensor, symbolic where it depends on the input
     /// (`b` batch, `s` sequence, `n` vision tokens, `dv` vision width).
     fn hook_shape(&self, hp: &HookPoint) -> String {

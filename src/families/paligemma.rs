@@ -567,6 +567,10 @@ impl Vlm for PaliGemma {
         Ok(out)
     }
 
+    fn supports_prefix_reuse(&self) -> bool {
+        false
+    }
+
     fn decoder(&self) -> &Decoder {
         &self.lm
     }
