@@ -1834,7 +1834,7 @@ mod tests {
         assert!(!r.contains(&Pressure));
         // BLIP-2 layout: image tokens first, the sink is the first non-image token.
         let s = Spans {
-                    pad: 0,
+            pad: 0,
             len: 6,
             messages: vec![],
             images: vec![ImageSpan {

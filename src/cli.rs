@@ -120,11 +120,20 @@ pub fn parse_device(s: &str) -> Result<Device> {
     match s {
         "cpu" => Ok(Device::Cpu),
         s if s.starts_with("cuda") => {
-            let n = s.strip_prefix("cuda:").and_then(|n| n.parse().ok()).unwrap_or(0);
-            Device::new_cuda(n).map_err(|e| Error::input(format!("device '{s}': {e} (build with --features cuda)")))
+            let n = s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            Device::new_cuda(n).map_err(|e| {
+                Error::input(format!("device '{s}': {e} (build with --features cuda)"))
+            })
         }
-        "metal" => Device::new_metal(0).map_err(|e| Error::input(format!("device 'metal': {e} (build with --features metal)"))),
-        other => Err(Error::input(format!("unknown device '{other}': expected cpu, cuda[:N] or metal"))),
+        "metal" => Device::new_metal(0).map_err(|e| {
+            Error::input(format!("device 'metal': {e} (build with --features metal)"))
+        }),
+        other => Err(Error::input(format!(
+            "unknown device '{other}': expected cpu, cuda[:N] or metal"
+        ))),
     }
 }
 
@@ -188,7 +197,15 @@ pub fn run(cmd: Command) -> Result<()> {
             no_generation_prompt,
         } => {
             let m = model.load()?;
-            capture(m.as_ref(), &image, &messages, &hooks, &out, pixel_values.as_deref(), !no_generation_prompt)
+            capture(
+                m.as_ref(),
+                &image,
+                &messages,
+                &hooks,
+                &out,
+                pixel_values.as_deref(),
+                !no_generation_prompt,
+            )
         }
         Command::Generate {
             model,
@@ -227,14 +244,20 @@ pub fn run(cmd: Command) -> Result<()> {
             out,
         } => {
             if arch != "llava" {
-                return Err(Error::input(format!("synth-model: unknown --arch '{arch}' (supported: llava)")));
+                return Err(Error::input(format!(
+                    "synth-model: unknown --arch '{arch}' (supported: llava)"
+                )));
             }
             let c = crate::synth_model::SynthLlavaConfig {
                 layers,
                 hidden,
                 heads,
                 kv_heads: kv_heads.unwrap_or(heads),
-                intermediate: intermediate.unwrap_or(if hidden >= 1024 { hidden * 11008 / 4096 } else { hidden * 2 }),
+                intermediate: intermediate.unwrap_or(if hidden >= 1024 {
+                    hidden * 11008 / 4096
+                } else {
+                    hidden * 2
+                }),
                 vision_layers,
                 vision_hidden,
                 vision_heads,
@@ -246,7 +269,10 @@ pub fn run(cmd: Command) -> Result<()> {
             };
             let dt = crate::blocks::weights::parse_dtype(&dtype)?;
             crate::synth_model::write_llava(&out, &c, dt)?;
-            println!("wrote a random-weight LLaVA checkpoint to {} (seed {seed})", out.display());
+            println!(
+                "wrote a random-weight LLaVA checkpoint to {} (seed {seed})",
+                out.display()
+            );
             Ok(())
         }
     }
@@ -274,7 +300,11 @@ pub fn capture(
         let t = candle_core::safetensors::load(pv, &Device::Cpu)
             .map_err(|e| Error::input(format!("{}: {e}", pv.display())))?;
         let pv_t = t.get("pixel_values").ok_or_else(|| {
-            Error::input(format!("{}: no 'pixel_values' tensor (found: {})", pv.display(), t.keys().cloned().collect::<Vec<_>>().join(", ")))
+            Error::input(format!(
+                "{}: no 'pixel_values' tensor (found: {})",
+                pv.display(),
+                t.keys().cloned().collect::<Vec<_>>().join(", ")
+            ))
         })?;
         m.set_pixel_values(&mut p, pv_t.clone())?;
     }
@@ -287,8 +317,14 @@ pub fn capture(
         tensors.push((k.clone(), t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?));
     }
     let ids: Vec<i64> = p.ids.iter().map(|&x| x as i64).collect();
-    tensors.push(("input_ids".into(), Tensor::from_vec(ids, (1, p.ids.len()), &Device::Cpu)?));
-    tensors.push(("logits".into(), logits.to_dtype(DType::F32)?.to_device(&Device::Cpu)?));
+    tensors.push((
+        "input_ids".into(),
+        Tensor::from_vec(ids, (1, p.ids.len()), &Device::Cpu)?,
+    ));
+    tensors.push((
+        "logits".into(),
+        logits.to_dtype(DType::F32)?.to_device(&Device::Cpu)?,
+    ));
     let tmp = crate::error::tmp_path(out);
     if let Some(d) = out.parent() {
         if !d.as_os_str().is_empty() {
@@ -307,12 +343,28 @@ pub fn capture(
         "spans": p.spans,
         "shapes": shapes,
     });
-    crate::error::write_atomic(out.with_extension("json"), &serde_json::to_vec_pretty(&side).unwrap_or_default())?;
+    crate::error::write_atomic(
+        out.with_extension("json"),
+        &serde_json::to_vec_pretty(&side).unwrap_or_default(),
+    )?;
     println!("{}", p.prompt_text);
-    println!("{} tokens, image span(s): {}", p.ids.len(), p.spans.images.iter().map(|s| format!("[{}, {}) {}x{}", s.start, s.end, s.rows, s.cols)).collect::<Vec<_>>().join(", "));
+    println!(
+        "{} tokens, image span(s): {}",
+        p.ids.len(),
+        p.spans
+            .images
+            .iter()
+            .map(|s| format!("[{}, {}) {}x{}", s.start, s.end, s.rows, s.cols))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     for (k, v) in &shapes {
         println!("  {k:<44} {v}");
     }
-    println!("wrote {} and {}", out.display(), out.with_extension("json").display());
+    println!(
+        "wrote {} and {}",
+        out.display(),
+        out.with_extension("json").display()
+    );
     Ok(())
 }

@@ -148,7 +148,10 @@ pub fn tokenizer_json(extra_words: &[&str]) -> serde_json::Value {
 /// preprocessor and processor configs. Returns the vocabulary size.
 pub fn write_llava_files(dir: &Path, c: &SynthLlavaConfig, extra_words: &[&str]) -> Result<usize> {
     let tok = tokenizer_json(extra_words);
-    let vocab = tok["model"]["vocab"].as_object().map(|m| m.len()).unwrap_or(0);
+    let vocab = tok["model"]["vocab"]
+        .as_object()
+        .map(|m| m.len())
+        .unwrap_or(0);
     let image_id = 3u32;
     let pad_id = 4u32;
     let config = serde_json::json!({
@@ -213,7 +216,10 @@ pub fn llava_weight_shapes(c: &SynthLlavaConfig, vocab: usize) -> Vec<(String, V
     let (d, dv) = (c.hidden, c.vision_hidden);
     let dh = d / c.heads;
     let mut v: Vec<(String, Vec<usize>)> = vec![
-        ("language_model.model.embed_tokens.weight".into(), vec![vocab, d]),
+        (
+            "language_model.model.embed_tokens.weight".into(),
+            vec![vocab, d],
+        ),
         ("language_model.lm_head.weight".into(), vec![vocab, d]),
         ("language_model.model.norm.weight".into(), vec![d]),
         ("multi_modal_projector.linear_1.weight".into(), vec![d, dv]),
@@ -225,10 +231,22 @@ pub fn llava_weight_shapes(c: &SynthLlavaConfig, vocab: usize) -> Vec<(String, V
         let p = format!("language_model.model.layers.{i}");
         v.push((format!("{p}.input_layernorm.weight"), vec![d]));
         v.push((format!("{p}.post_attention_layernorm.weight"), vec![d]));
-        v.push((format!("{p}.self_attn.q_proj.weight"), vec![c.heads * dh, d]));
-        v.push((format!("{p}.self_attn.k_proj.weight"), vec![c.kv_heads * dh, d]));
-        v.push((format!("{p}.self_attn.v_proj.weight"), vec![c.kv_heads * dh, d]));
-        v.push((format!("{p}.self_attn.o_proj.weight"), vec![d, c.heads * dh]));
+        v.push((
+            format!("{p}.self_attn.q_proj.weight"),
+            vec![c.heads * dh, d],
+        ));
+        v.push((
+            format!("{p}.self_attn.k_proj.weight"),
+            vec![c.kv_heads * dh, d],
+        ));
+        v.push((
+            format!("{p}.self_attn.v_proj.weight"),
+            vec![c.kv_heads * dh, d],
+        ));
+        v.push((
+            format!("{p}.self_attn.o_proj.weight"),
+            vec![d, c.heads * dh],
+        ));
         v.push((format!("{p}.mlp.gate_proj.weight"), vec![c.intermediate, d]));
         v.push((format!("{p}.mlp.up_proj.weight"), vec![c.intermediate, d]));
         v.push((format!("{p}.mlp.down_proj.weight"), vec![d, c.intermediate]));
@@ -236,8 +254,14 @@ pub fn llava_weight_shapes(c: &SynthLlavaConfig, vocab: usize) -> Vec<(String, V
     let vp = "vision_tower.vision_model";
     let n_pos = (c.image_size / c.patch_size).pow(2) + 1;
     v.push((format!("{vp}.embeddings.class_embedding"), vec![dv]));
-    v.push((format!("{vp}.embeddings.patch_embedding.weight"), vec![dv, 3, c.patch_size, c.patch_size]));
-    v.push((format!("{vp}.embeddings.position_embedding.weight"), vec![n_pos, dv]));
+    v.push((
+        format!("{vp}.embeddings.patch_embedding.weight"),
+        vec![dv, 3, c.patch_size, c.patch_size],
+    ));
+    v.push((
+        format!("{vp}.embeddings.position_embedding.weight"),
+        vec![n_pos, dv],
+    ));
     for n in ["pre_layrnorm", "post_layernorm"] {
         v.push((format!("{vp}.{n}.weight"), vec![dv]));
         v.push((format!("{vp}.{n}.bias"), vec![dv]));
@@ -252,9 +276,15 @@ pub fn llava_weight_shapes(c: &SynthLlavaConfig, vocab: usize) -> Vec<(String, V
             v.push((format!("{p}.self_attn.{n}.weight"), vec![dv, dv]));
             v.push((format!("{p}.self_attn.{n}.bias"), vec![dv]));
         }
-        v.push((format!("{p}.mlp.fc1.weight"), vec![c.vision_intermediate, dv]));
+        v.push((
+            format!("{p}.mlp.fc1.weight"),
+            vec![c.vision_intermediate, dv],
+        ));
         v.push((format!("{p}.mlp.fc1.bias"), vec![c.vision_intermediate]));
-        v.push((format!("{p}.mlp.fc2.weight"), vec![dv, c.vision_intermediate]));
+        v.push((
+            format!("{p}.mlp.fc2.weight"),
+            vec![dv, c.vision_intermediate],
+        ));
         v.push((format!("{p}.mlp.fc2.bias"), vec![dv]));
     }
     v
@@ -282,7 +312,8 @@ pub fn init_value(name: &str, shape: &[usize], std: f64, rng: &mut ChaCha8Rng) -
 
 /// Write a complete seeded random-weight LLaVA checkpoint to `dir`.
 pub fn write_llava(dir: &Path, c: &SynthLlavaConfig, dtype: DType) -> Result<()> {
-    if c.hidden % c.heads != 0 || c.vision_hidden % c.vision_heads != 0 || c.heads % c.kv_heads != 0 {
+    if c.hidden % c.heads != 0 || c.vision_hidden % c.vision_heads != 0 || c.heads % c.kv_heads != 0
+    {
         return Err(Error::input(format!(
             "synth-model: hidden {} must divide by heads {} (and heads by kv heads {}), vision hidden {} by vision heads {}",
             c.hidden, c.heads, c.kv_heads, c.vision_hidden, c.vision_heads

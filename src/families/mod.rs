@@ -149,17 +149,29 @@ pub trait Vlm {
         let i = self.info();
         let dh = i.d_model / i.n_heads.max(1);
         match hp {
-            HookPoint::Block { tower: Tower::Lm, site, .. } => match site {
+            HookPoint::Block {
+                tower: Tower::Lm,
+                site,
+                ..
+            } => match site {
                 Site::Q | Site::K | Site::V => format!("[b, s, heads, {dh}]"),
                 Site::Scores | Site::Pattern => format!("[b, {}, s, s]", i.n_heads),
                 _ => format!("[b, s, {}]", i.d_model),
             },
-            HookPoint::Block { tower: Tower::Vision, site, .. } => match site {
+            HookPoint::Block {
+                tower: Tower::Vision,
+                site,
+                ..
+            } => match site {
                 Site::Q | Site::K | Site::V => "[b, n, heads, dh]".into(),
                 Site::Scores | Site::Pattern => "[b, heads, n, n]".into(),
                 _ => "[b, n, dv]".into(),
             },
-            HookPoint::Block { tower: Tower::Qformer, site, .. } => match site {
+            HookPoint::Block {
+                tower: Tower::Qformer,
+                site,
+                ..
+            } => match site {
                 Site::CrossPattern => "[b, heads, q, n]".into(),
                 Site::Scores | Site::Pattern => "[b, heads, q(+t), q(+t)]".into(),
                 _ => "[b, q(+t), dq]".into(),
