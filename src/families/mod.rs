@@ -4,6 +4,7 @@
 
 pub mod common;
 pub mod llava;
+pub mod qwen3_vl;
 
 use std::path::{Path, PathBuf};
 
@@ -166,9 +167,10 @@ pub fn load_dir(dir: &Path, opts: &LoadOptions) -> Result<Box<dyn Vlm>> {
     let model_type = cfg.get("model_type").and_then(|m| m.as_str()).unwrap_or("");
     match model_type {
         "llava" => Ok(Box::new(llava::Llava::load(dir, &cfg, opts)?)),
+        "qwen3_vl" => Ok(Box::new(qwen3_vl::Qwen3Vl::load(dir, &cfg, opts)?)),
         other => Err(Error::config(
             &cfg_path,
-            format!("unknown or unsupported model_type '{other}' (supported: llava)"),
+            format!("unknown or unsupported model_type '{other}' (supported: llava, qwen3_vl)"),
         )),
     }
 }
