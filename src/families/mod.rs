@@ -5,6 +5,7 @@
 pub mod common;
 pub mod llava;
 pub mod paligemma;
+pub mod qwen3_vl;
 
 use std::path::{Path, PathBuf};
 
@@ -214,9 +215,10 @@ pub fn load_dir(dir: &Path, opts: &LoadOptions) -> Result<Box<dyn Vlm>> {
     match model_type {
         "llava" => Ok(Box::new(llava::Llava::load(dir, &cfg, opts)?)),
         "paligemma" => Ok(Box::new(paligemma::PaliGemma::load(dir, &cfg, opts)?)),
+        "qwen3_vl" => Ok(Box::new(qwen3_vl::Qwen3Vl::load(dir, &cfg, opts)?)),
         other => Err(Error::config(
             &cfg_path,
-            format!("unknown or unsupported model_type '{other}' (supported: llava, paligemma)"),
+            format!("unknown or unsupported model_type '{other}' (supported: llava, qwen3_vl, paligemma)"),
         )),
     }
 }
