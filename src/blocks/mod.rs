@@ -9,6 +9,7 @@ pub mod decoder;
 pub mod mask;
 pub mod mlp;
 pub mod norm;
+pub mod qformer;
 pub mod rotary;
 pub mod vit;
 pub mod weights;

@@ -2,7 +2,9 @@
 //! prepares inputs as its Hugging Face processor does, and runs the forward under a hook
 //! context. [`load`] picks the family from `config.json`.
 
+pub mod blip2;
 pub mod common;
+pub mod instructblip;
 pub mod llava;
 
 use std::path::{Path, PathBuf};
@@ -166,9 +168,11 @@ pub fn load_dir(dir: &Path, opts: &LoadOptions) -> Result<Box<dyn Vlm>> {
     let model_type = cfg.get("model_type").and_then(|m| m.as_str()).unwrap_or("");
     match model_type {
         "llava" => Ok(Box::new(llava::Llava::load(dir, &cfg, opts)?)),
+        "blip-2" | "blip_2" => Ok(Box::new(blip2::QformerVlm::load_blip2(dir, &cfg, opts)?)),
+        "instructblip" => Ok(Box::new(instructblip::load(dir, &cfg, opts)?)),
         other => Err(Error::config(
             &cfg_path,
-            format!("unknown or unsupported model_type '{other}' (supported: llava)"),
+            format!("unknown or unsupported model_type '{other}' (supported: llava, blip-2, instructblip)"),
         )),
     }
 }
