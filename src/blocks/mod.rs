@@ -11,6 +11,7 @@ pub mod mlp;
 pub mod mrope;
 pub mod norm;
 pub mod packed_vit;
+pub mod qformer;
 pub mod rotary;
 pub mod vit;
 pub mod weights;

@@ -220,3 +220,66 @@ pub fn argmax_last(logits: &Tensor) -> Result<Vec<u32>> {
         .argmax(D::Minus1)?
         .to_vec1::<u32>()?)
 }
+
+/// One [`Vlm::extend`] step of a causal family, prepared: the new ids `[b, n]`, their
+/// positions `[b, n]` (continuing each row's count), the validity of every position so far and
+/// the number of cached positions. [`begin_extend`] makes it and [`ExtendStep::finish`] commits
+/// it to the state once the decoder has run.
+pub struct ExtendStep {
+    /// The new ids `[b, n]`, left-padded.
+    pub ids: Tensor,
+    /// Their positions `[b, n]` (u32; padding at 0).
+    pub positions: Tensor,
+    /// Per row, 1 for a real token, over the cached and the new positions.
+    pub valid_all: Vec<Vec<u8>>,
+    /// Number of cached positions before this step.
+    pub past: usize,
+    next: Vec<u32>,
+}
+
+/// Start an extend step: left-pad `new_ids`, update the state's span tables (from `new_spans`,
+/// in unpadded coordinates of the whole new sequence, or by lengthening the old ones) and point
+/// the hook context at them, with its offset at the first new position.
+pub fn begin_extend(
+    state: &mut DecodeState,
+    new_ids: &[Vec<u32>],
+    new_spans: Option<&[Spans]>,
+    pad_id: u32,
+    device: &Device,
+    ctx: &mut crate::hooks::HookCtx,
+) -> Result<ExtendStep> {
+    let (ids, valid_new, positions, next) = extend_rows(state, new_ids, pad_id, device)?;
+    let past = state.valid.first().map(|v| v.len()).unwrap_or(0);
+    let mut valid_all = state.valid.clone();
+    for (a, n) in valid_all.iter_mut().zip(&valid_new) {
+        a.extend_from_slice(n);
+    }
+    if let Some(sp) = new_spans {
+        state.spans = sp
+            .iter()
+            .zip(&valid_all)
+            .map(|(s, v)| layout_spans(s, v))
+            .collect();
+    } else {
+        for (s, v) in state.spans.iter_mut().zip(&valid_all) {
+            s.len = v.len();
+        }
+    }
+    ctx.set_spans(state.spans.clone());
+    ctx.offset = past;
+    Ok(ExtendStep {
+        ids,
+        positions,
+        valid_all,
+        past,
+        next,
+    })
+}
+
+impl ExtendStep {
+    /// Record the step in the state (after the decoder has filled the cache).
+    pub fn finish(self, state: &mut DecodeState) {
+        state.valid = self.valid_all;
+        state.next_pos = self.next;
+    }
+}

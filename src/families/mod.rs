@@ -2,7 +2,9 @@
 //! prepares inputs as its Hugging Face processor does, and runs the forward under a hook
 //! context. [`load`] picks the family from `config.json`.
 
+pub mod blip2;
 pub mod common;
+pub mod instructblip;
 pub mod llava;
 pub mod paligemma;
 pub mod qwen3_vl;
@@ -216,9 +218,11 @@ pub fn load_dir(dir: &Path, opts: &LoadOptions) -> Result<Box<dyn Vlm>> {
         "llava" => Ok(Box::new(llava::Llava::load(dir, &cfg, opts)?)),
         "paligemma" => Ok(Box::new(paligemma::PaliGemma::load(dir, &cfg, opts)?)),
         "qwen3_vl" => Ok(Box::new(qwen3_vl::Qwen3Vl::load(dir, &cfg, opts)?)),
+        "blip-2" | "blip_2" => Ok(Box::new(blip2::QformerVlm::load_blip2(dir, &cfg, opts)?)),
+        "instructblip" => Ok(Box::new(instructblip::load(dir, &cfg, opts)?)),
         other => Err(Error::config(
             &cfg_path,
-            format!("unknown or unsupported model_type '{other}' (supported: llava, qwen3_vl, paligemma)"),
+            format!("unknown or unsupported model_type '{other}' (supported: llava, qwen3_vl, paligemma, blip-2, instructblip)"),
         )),
     }
 }

@@ -174,3 +174,41 @@ pub fn check_parity(model_name: &str) -> String {
     }
     report
 }
+
+/// Compare an integer tensor the model's `prepare()` puts in `Prepared::extra` (e.g.
+/// InstructBLIP's `qformer_input_ids`) with the fixture's tensor of the same name, on every
+/// case of `model_name`; returns a report line per case.
+pub fn check_prepared_extra_ids(model_name: &str, key: &str) -> String {
+    let model = load_model(model_name);
+    let mut report = String::new();
+    for case in cases(model_name) {
+        let p = model.prepare(&case.messages, &case.images, true).unwrap();
+        let ours: Vec<u32> = p
+            .extra
+            .get(key)
+            .unwrap_or_else(|| panic!("{}: prepare() gives no '{key}'", case.name))
+            .flatten_all()
+            .unwrap()
+            .to_dtype(DType::U32)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let want: Vec<u32> = case
+            .tensors
+            .get(key)
+            .unwrap_or_else(|| panic!("{}: the fixture has no '{key}'", case.name))
+            .flatten_all()
+            .unwrap()
+            .to_dtype(DType::U32)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(ours, want, "{}: {key}", case.name);
+        report.push_str(&format!(
+            "{model_name}/{}: {key} identical ({} ids)\n",
+            case.name,
+            ours.len()
+        ));
+    }
+    report
+}
