@@ -10,6 +10,16 @@
 //! ratios between configurations, and an extrapolation to the paper-scale target
 //! (32 layers x 4096 features x 5000 examples x 5 folds on 2 threads), assuming the cost grows
 //! linearly in `layers * n * d` (L-BFGS iteration counts are capped by `max_iter`).
+//!
+//! Measured on the shared 2-core dev machine (dev profile, so the generic linfa/ndarray code is
+//! compiled at the crate's opt-level 1; CPU time, the machine was loaded by other jobs):
+//! - 4 x 512 x 1000: ~640 cpu-ns per layer*n*d probe only, ~1170 with control + bootstrap;
+//!   4 x 512 x 2000: ~340 / ~600 (extrapolates to 2-6 min for the full size: optimistic).
+//! - 2 x 2048 x 4000: ~2100 cpu-ns probe only, ~3700 with control + bootstrap (the 26 MB
+//!   training matrix no longer fits in cache and L-BFGS needs more iterations), which
+//!   extrapolates to ~11 min (probe only) and ~20 min (full pipeline) for 32 x 4096 x 5000 on 2
+//!   threads. The f64 solver measured ~2x slower at that size, and row-major training matrices
+//!   ~4x slower again (see `standardise` in `src/probes.rs`).
 
 use std::time::Instant;
 
