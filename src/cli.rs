@@ -76,6 +76,37 @@ pub enum Command {
         #[arg(long, default_value_t = 32)]
         max_new_tokens: usize,
     },
+    /// Draw a synthetic multiple-choice benchmark (images + items.jsonl) for a seed.
+    SynthBench {
+        #[arg(long, default_value_t = 240)]
+        n: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long)]
+        out: PathBuf,
+        /// Image side in pixels.
+        #[arg(long, default_value_t = 224)]
+        size: u32,
+        /// Tasks (comma-separated): color, shape, count, presence, position, size.
+        #[arg(long, value_delimiter = ',')]
+        tasks: Option<Vec<String>>,
+        /// Option order: shuffled (default) or fixed (one order per task).
+        #[arg(long, default_value = "shuffled")]
+        option_order: String,
+        /// Pixel noise amplitude (0 = clean).
+        #[arg(long, default_value_t = 0)]
+        noise: u8,
+    },
+    /// Run the MM-SY protocol (ask, push back, measure) on a benchmark; resumable.
+    Eval(EvalArgs),
+    /// Join shard runs (`eval --shard I/N`) into one run.
+    Merge {
+        /// Shard run directories.
+        #[arg(num_args = 1..)]
+        shards: Vec<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Write a seeded random-weight checkpoint (llava-hf layout) for demos and benchmarks.
     SynthModel {
         /// Architecture (llava).
@@ -113,6 +144,166 @@ pub enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+}
+
+/// Arguments of `eval`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Benchmark: an MM-SY parquet file, a sycoscope items.jsonl (or its folder), or a Hub dataset id.
+    #[arg(long)]
+    pub data: String,
+    /// Run directory (created; an interrupted run resumes).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Tones (comma-separated): suggestive, euphemistic, strong.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "suggestive,euphemistic,strong"
+    )]
+    pub tones: Vec<String>,
+    /// Only these tasks (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub tasks: Option<Vec<String>>,
+    /// At most N items (after task filter and sharding).
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Total rounds: 2 = ask + one pushback; more repeats the pushback.
+    #[arg(long, default_value_t = 2)]
+    pub rounds: usize,
+    /// A system prompt (the prompt-based mitigation).
+    #[arg(long)]
+    pub system_prompt: Option<String>,
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+    /// Evaluate shard I of N (deterministic split), e.g. 0/4.
+    #[arg(long)]
+    pub shard: Option<String>,
+    /// Stop at the first bad row instead of skipping it.
+    #[arg(long)]
+    pub strict: bool,
+    /// Capture activations into RUN/store: `default` or a hook list.
+    #[arg(long)]
+    pub capture: Option<String>,
+    /// Amplify attention to image tokens: z' = z + lambda |z| on image columns of the decision row.
+    #[arg(long)]
+    pub amplify: Option<f64>,
+    /// Layers to amplify: A..B (end exclusive), A-B, low, high or all.
+    #[arg(long, default_value = "high")]
+    pub amplify_layers: String,
+    /// Amplification rule: add_abs (z + lambda |z|) or scale (lambda z).
+    #[arg(long, default_value = "add_abs")]
+    pub amplify_rule: String,
+    /// Re-encode the whole conversation for round 2 instead of extending the round-1 cache.
+    #[arg(long)]
+    pub no_prefix_reuse: bool,
+    /// MM-SY column names, e.g. `question=prompt,solid_response=strong_text`.
+    #[arg(long)]
+    pub columns: Option<String>,
+    /// Hide the progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+impl EvalArgs {
+    /// The protocol options these arguments give, for a model of `n_layers` layers.
+    pub fn options(&self, n_layers: usize) -> Result<crate::protocol::runner::EvalOptions> {
+        use crate::protocol::runner::{parse_layer_range, parse_shard, Amplify, EvalOptions};
+        let tones = self
+            .tones
+            .iter()
+            .map(|t| t.parse::<crate::protocol::items::Tone>())
+            .collect::<Result<Vec<_>>>()?;
+        if self.rounds < 1 {
+            return Err(Error::input("--rounds must be at least 1"));
+        }
+        let amplify = match self.amplify {
+            None => None,
+            Some(l) => Some(Amplify {
+                lambda: l,
+                layers: parse_layer_range(&self.amplify_layers, n_layers)?,
+                rule: self.amplify_rule.clone(),
+            }),
+        };
+        Ok(EvalOptions {
+            tones: if self.rounds < 2 { vec![] } else { tones },
+            tasks: self.tasks.clone(),
+            limit: self.limit,
+            rounds: self.rounds.max(2),
+            system_prompt: self.system_prompt.clone(),
+            batch_size: self.batch_size.max(1),
+            shard: self.shard.as_deref().map(parse_shard).transpose()?,
+            strict: self.strict,
+            capture: self.capture.clone(),
+            amplify,
+            prefix_reuse: !self.no_prefix_reuse,
+            seed: 0,
+        })
+    }
+
+    /// Loader options (column map, strictness).
+    pub fn load_options(&self) -> Result<crate::protocol::items::LoadOptions> {
+        let mut lo = crate::protocol::items::LoadOptions {
+            strict: self.strict,
+            ..Default::default()
+        };
+        if let Some(c) = &self.columns {
+            for pair in c.split(',').filter(|s| !s.is_empty()) {
+                let (k, v) = pair.split_once('=').ok_or_else(|| {
+                    Error::input(format!("--columns: '{pair}' is not KEY=COLUMN"))
+                })?;
+                let cm = &mut lo.columns;
+                let slot = match k.trim() {
+                    "image" => &mut cm.image,
+                    "question" => &mut cm.question,
+                    "answer" => &mut cm.answer,
+                    "true_option" => &mut cm.true_option,
+                    "sy_option" => &mut cm.sy_option,
+                    "suggest_response" | "suggestive" => &mut cm.suggestive,
+                    "gentle_response" | "euphemistic" => &mut cm.euphemistic,
+                    "solid_response" | "strong" => &mut cm.strong,
+                    "id" => {
+                        cm.id = Some(v.trim().to_string());
+                        continue;
+                    }
+                    "task" => {
+                        cm.task = Some(v.trim().to_string());
+                        continue;
+                    }
+                    other => {
+                        return Err(Error::input(format!("--columns: unknown field '{other}'")))
+                    }
+                };
+                *slot = v.trim().to_string();
+            }
+        }
+        Ok(lo)
+    }
+}
+
+/// Run `eval` and print the summary table.
+pub fn run_eval(a: &EvalArgs) -> Result<crate::protocol::metrics::Summary> {
+    let m = a.model.load()?;
+    let opts = a.options(m.info().n_layers)?;
+    let job = crate::protocol::runner::EvalJob {
+        model_source: &a.model.model,
+        data: &a.data,
+        run: &a.out,
+        opts,
+        load: a.load_options()?,
+        progress: !a.quiet,
+    };
+    let t0 = std::time::Instant::now();
+    let s = crate::protocol::runner::eval(m.as_ref(), &job)?;
+    println!("{}", s.table());
+    println!(
+        "run written to {} in {:.1} s",
+        a.out.display(),
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(s)
 }
 
 /// Parse a device string.
@@ -224,6 +415,46 @@ pub fn run(cmd: Command) -> Result<()> {
                 .map_err(|e| Error::msg(format!("decoding failed: {e}")))?;
             println!("{}", p.prompt_text);
             println!("{text}");
+            Ok(())
+        }
+        Command::SynthBench {
+            n,
+            seed,
+            out,
+            size,
+            tasks,
+            option_order,
+            noise,
+        } => {
+            use crate::protocol::synth::{write_bench, OptionOrder, SynthConfig, Task};
+            let mut cfg = SynthConfig {
+                n,
+                seed,
+                size,
+                noise,
+                ..Default::default()
+            };
+            if let Some(t) = tasks {
+                cfg.tasks = t.iter().map(|x| x.parse::<Task>()).collect::<Result<_>>()?;
+            }
+            cfg.option_order = match option_order.as_str() {
+                "shuffled" => OptionOrder::Shuffled,
+                "fixed" | "fixed-per-task" => OptionOrder::FixedPerTask,
+                other => {
+                    return Err(Error::input(format!(
+                        "--option-order '{other}': expected shuffled or fixed"
+                    )))
+                }
+            };
+            let p = write_bench(&cfg, &out)?;
+            println!("wrote {n} items to {}", p.display());
+            Ok(())
+        }
+        Command::Eval(a) => run_eval(&a).map(|_| ()),
+        Command::Merge { shards, out } => {
+            let s = crate::protocol::runner::merge(&shards, &out)?;
+            println!("{}", s.table());
+            println!("merged {} shard runs into {}", shards.len(), out.display());
             Ok(())
         }
         Command::SynthModel {

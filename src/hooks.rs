@@ -632,8 +632,9 @@ impl<'a> HookCtx<'a> {
         }
         if let Some(caps) = spec.captures.get(&hp) {
             for c in caps {
-                let t = self.select(&hp, &c.positions, c.reduce, &x)?;
-                self.captures.tensors.insert(c.key(&hp), t);
+                if let Some(t) = self.select(&hp, &c.positions, c.reduce, &x)? {
+                    self.captures.tensors.insert(c.key(&hp), t);
+                }
             }
         }
         Ok(x)
@@ -699,19 +700,30 @@ impl<'a> HookCtx<'a> {
         self.spans.get(b).map(|s| s.pad).unwrap_or(0)
     }
 
-    fn select(&self, hp: &HookPoint, p: &Positions, reduce: Reduce, x: &Tensor) -> Result<Tensor> {
+    /// Select (and reduce) the captured positions; `None` when, while extending a cache, the
+    /// positions asked for all lie in the cached part (their activations were captured before).
+    fn select(
+        &self,
+        hp: &HookPoint,
+        p: &Positions,
+        reduce: Reduce,
+        x: &Tensor,
+    ) -> Result<Option<Tensor>> {
         let axis = hp.position_axis();
         if x.rank() <= axis {
             // pooled tensors ([b, d]) have no position axis
-            return Ok(x.clone());
+            return Ok(Some(x.clone()));
         }
         if *p == Positions::All && reduce == Reduce::None {
-            return Ok(x.clone());
+            return Ok(Some(x.clone()));
         }
         let (b, n) = (x.dim(0)?, x.dim(axis)?);
         let mut rows = Vec::with_capacity(b);
         for bi in 0..b {
             let idx = self.rows_for(hp, p, bi, n)?;
+            if idx.is_empty() && self.offset > 0 && hp.on_text_positions() {
+                return Ok(None);
+            }
             if idx.is_empty() {
                 return Err(Error::input(format!(
                     "hook '{hp}': positions '{p}' select nothing in batch row {bi}"
@@ -742,7 +754,7 @@ impl<'a> HookCtx<'a> {
                 )));
             }
         }
-        Ok(Tensor::cat(&rows, 0)?)
+        Ok(Some(Tensor::cat(&rows, 0)?))
     }
 
     /// A `[b, n]` mask (1 = selected) over the positions of a chunk, shaped to broadcast against

@@ -9,4 +9,5 @@
 pub mod items;
 pub mod metrics;
 pub mod mmsy;
+pub mod runner;
 pub mod synth;
