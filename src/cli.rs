@@ -223,7 +223,8 @@ impl EvalArgs {
             None => None,
             Some(l) => Some(Amplify {
                 lambda: l,
-                layers: parse_layer_range(&self.amplify_layers, n_layers)?,
+                layers: parse_layer_range(&self.amplify_layers, n_layers)
+                    .map_err(|e| Error::input(format!("--amplify-layers: {e}")))?,
                 rule: self.amplify_rule.clone(),
             }),
         };

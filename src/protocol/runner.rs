@@ -977,7 +977,9 @@ pub struct EvalJob<'a> {
 /// Run (or resume) an evaluation into a run directory; returns the summary.
 pub fn eval(model: &dyn Vlm, job: &EvalJob) -> Result<Summary> {
     let run = job.run;
-    std::fs::create_dir_all(run).map_err(|e| Error::io(run, e))?;
+    if let Some(a) = &job.opts.amplify {
+        a.score_edit(model.info().n_layers)?;
+    }
     let report = crate::protocol::items::load_items(job.data, &job.load)?;
     for (row, why) in &report.skipped {
         eprintln!("skipped {row}: {why}");
@@ -1014,6 +1016,8 @@ pub fn eval(model: &dyn Vlm, job: &EvalJob) -> Result<Summary> {
         skipped: report.skipped.clone(),
         n_items: items.len(),
     };
+    // validate the options against the model before anything is written
+    let evaluator = Evaluator::new(model, letters.clone(), job.opts.clone())?;
     let mpath = run.join("manifest.json");
     if mpath.exists() {
         let old: RunManifest = serde_json::from_str(&crate::error::read_to_string(&mpath)?)
@@ -1052,7 +1056,6 @@ pub fn eval(model: &dyn Vlm, job: &EvalJob) -> Result<Summary> {
             letters.separator
         );
     }
-    let evaluator = Evaluator::new(model, letters.clone(), job.opts.clone())?;
     let done: HashSet<String> = read_examples(run)?
         .into_iter()
         .map(|e| e.example_id)
