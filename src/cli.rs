@@ -107,6 +107,80 @@ pub enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Layer-wise linear probes on a run's store: AUC per layer with folds, intervals and controls.
+    Probe {
+        #[arg(long)]
+        run: PathBuf,
+        /// Stored hooks to probe (glob).
+        #[arg(long, default_value = "blocks.*.hook_resid_post@last")]
+        hook: String,
+        /// sycophantic, r1_correct, flipped, tone:<tone> or task:<task>.
+        #[arg(long, default_value = "sycophantic")]
+        label: String,
+        #[arg(long, default_value_t = 5)]
+        folds: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// L2 regularisation strength.
+        #[arg(long, default_value_t = 1.0)]
+        l2: f64,
+        /// Bootstrap resamples for the interval.
+        #[arg(long, default_value_t = 1000)]
+        bootstrap: usize,
+    },
+    /// Attention analysis of a run: visual reliance per layer (neutral vs each tone) and heatmaps.
+    Attention {
+        #[arg(long)]
+        run: PathBuf,
+        /// Metrics: image_share, text_share, pressure_share, sink_share, ratio.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "image_share,ratio,pressure_share"
+        )]
+        metrics: Vec<String>,
+        /// Example for the heatmaps (default: the first that gave in).
+        #[arg(long)]
+        example: Option<String>,
+        /// Tone of the pressured heatmap.
+        #[arg(long, default_value = "strong")]
+        tone: String,
+        /// Layers averaged in the neutral-vs-pressured heatmap (A..B, A-B, low, high, all).
+        #[arg(long)]
+        layers: Option<String>,
+    },
+    /// Attention-amplification sweep: eval for each lambda x layer range, with a table and a plot.
+    Sweep {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long)]
+        data: String,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, value_delimiter = ',', default_value = "0,0.3,0.6,0.9")]
+        lambdas: Vec<f64>,
+        /// Layer ranges: all, low, high, or A..B.
+        #[arg(long, value_delimiter = ',', default_value = "all,low,high")]
+        ranges: Vec<String>,
+        #[arg(long)]
+        limit: Option<usize>,
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "suggestive,euphemistic,strong"
+        )]
+        tones: Vec<String>,
+        #[arg(long, default_value_t = 8)]
+        batch_size: usize,
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Run an experiment spec (probes/*.toml): data, eval + capture, probes, attention, figures.
+    Run {
+        spec: PathBuf,
+        #[arg(long)]
+        quiet: bool,
+    },
     /// Write a seeded random-weight checkpoint (llava-hf layout) for demos and benchmarks.
     SynthModel {
         /// Architecture (llava).
@@ -456,6 +530,105 @@ pub fn run(cmd: Command) -> Result<()> {
             let s = crate::protocol::runner::merge(&shards, &out)?;
             println!("{}", s.table());
             println!("merged {} shard runs into {}", shards.len(), out.display());
+            Ok(())
+        }
+        Command::Probe {
+            run,
+            hook,
+            label,
+            folds,
+            seed,
+            l2,
+            bootstrap,
+        } => {
+            let cfg = crate::probes::ProbeConfig {
+                folds,
+                seed,
+                l2,
+                bootstrap,
+                ..Default::default()
+            };
+            let c = crate::pipeline::probe_run(&run, &hook, &label, &cfg)?;
+            print!("{}", crate::pipeline::probe_table(&c));
+            println!(
+                "wrote {}",
+                run.join("probes")
+                    .join(label.replace([':', '/'], "_"))
+                    .display()
+            );
+            Ok(())
+        }
+        Command::Attention {
+            run,
+            metrics,
+            example,
+            tone,
+            layers,
+        } => {
+            let m: Vec<&str> = metrics.iter().map(|s| s.as_str()).collect();
+            let mut files = crate::pipeline::attention_curves(&run, &m)?;
+            let n_layers = crate::pipeline::read_manifest(&run)?.n_layers;
+            let l = layers
+                .as_deref()
+                .map(|s| crate::protocol::runner::parse_layer_range(s, n_layers))
+                .transpose()?;
+            files.extend(crate::pipeline::attention_heatmaps(
+                &run,
+                example.as_deref(),
+                &tone,
+                l,
+            )?);
+            for f in files {
+                println!("wrote {}", f.display());
+            }
+            Ok(())
+        }
+        Command::Sweep {
+            model,
+            data,
+            out,
+            lambdas,
+            ranges,
+            limit,
+            tones,
+            batch_size,
+            quiet,
+        } => {
+            let m = model.load()?;
+            let tones = tones
+                .iter()
+                .map(|t| t.parse())
+                .collect::<Result<Vec<_>>>()?;
+            let base = crate::protocol::runner::EvalOptions {
+                tones,
+                limit,
+                batch_size,
+                ..Default::default()
+            };
+            let rows = crate::pipeline::sweep(
+                m.as_ref(),
+                &model.model,
+                &data,
+                &out,
+                &lambdas,
+                &ranges,
+                &base,
+                &Default::default(),
+                !quiet,
+            )?;
+            print!("{}", crate::pipeline::sweep_table(&rows));
+            println!("wrote {}", out.join("sweep.csv").display());
+            Ok(())
+        }
+        Command::Run { spec, quiet } => {
+            let t0 = std::time::Instant::now();
+            let (run, report) = crate::pipeline::run_spec(&spec, !quiet)?;
+            print!("{report}");
+            println!(
+                "run written to {} in {:.1} s",
+                run.display(),
+                t0.elapsed().as_secs_f64()
+            );
             Ok(())
         }
         Command::SynthModel {

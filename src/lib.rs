@@ -18,10 +18,12 @@
 pub mod attention;
 pub mod blocks;
 pub mod cli;
+pub mod default_model;
 pub mod error;
 pub mod export;
 pub mod families;
 pub mod hooks;
+pub mod pipeline;
 pub mod plots;
 pub mod prepare;
 pub mod preprocess;

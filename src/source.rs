@@ -217,6 +217,15 @@ pub fn resolve_model(s: &str) -> Result<PathBuf> {
     }
 }
 
+/// Resolve a model source, where `organism` / `default` name the embedded default model.
+pub fn resolve_default_or(s: &str) -> Result<PathBuf> {
+    if crate::default_model::is_default_name(s) {
+        crate::default_model::embedded_dir()
+    } else {
+        resolve_model(s)
+    }
+}
+
 /// Read and parse a JSON file, naming it on failure.
 pub fn read_json(path: &Path) -> Result<serde_json::Value> {
     let text = crate::error::read_to_string(path)?;

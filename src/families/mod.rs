@@ -205,7 +205,7 @@ impl Default for LoadOptions {
 
 /// Load a model from a local folder or a Hub id, choosing the family from `config.json`.
 pub fn load(source: &str, opts: &LoadOptions) -> Result<Box<dyn Vlm>> {
-    let dir = crate::source::resolve_model(source)?;
+    let dir = crate::source::resolve_default_or(source)?;
     load_dir(&dir, opts)
 }
 
