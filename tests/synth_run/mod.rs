@@ -36,7 +36,7 @@ fn r1_correct(i: usize) -> bool {
     i + 1 < N_EXAMPLES
 }
 fn flipped(i: usize) -> bool {
-    i % 2 == 0
+    i.is_multiple_of(2)
 }
 
 pub fn write_run(run: &Path, opts: &Opts) {
