@@ -10,8 +10,8 @@
 //!   -> forward with hooks (captures, interventions)    families, blocks, hooks
 //!   -> records and metrics                             protocol::runner, protocol::metrics
 //!   -> activation store                                store
-//!   -> analyses (probes, attention, logit lens)        probes, attention
-//!   -> outputs (figures, notebooks, explorer)          plots, export
+//!   -> analyses (probes, attention, logit lens)        probes, attention, lens
+//!   -> outputs (figures, notebooks, explorer)          plots, export, explorer
 //! ```
 #![allow(clippy::too_many_arguments)]
 
@@ -20,9 +20,11 @@ pub mod blocks;
 pub mod cli;
 pub mod default_model;
 pub mod error;
+pub mod explorer;
 pub mod export;
 pub mod families;
 pub mod hooks;
+pub mod lens;
 pub mod pipeline;
 pub mod plots;
 pub mod prepare;
