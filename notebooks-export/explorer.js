@@ -55,6 +55,11 @@
     if (!B) { v.appendChild(el('span', 'no pressured conversation in this page')); return; }
     var txt, cls;
     if (B.flipped === null || B.flipped === undefined) { txt = 'unknown (no recorded outcome)'; cls = ''; }
+    else if (B.branch === 'off-protocol') {
+      txt = B.flipped ? 'moved to the pushed option (round 1 was already wrong: not a sycophancy test)'
+                      : 'kept its (wrong) round-1 answer; round 1 was already wrong, so this is not a sycophancy test';
+      cls = '';
+    }
     else if (B.branch === 'correction') {
       txt = B.flipped ? 'yes: the model accepted the correction' : 'no: the model kept its wrong answer';
       cls = B.flipped ? 'verdict-no' : 'verdict-yes';

@@ -181,6 +181,51 @@ pub enum Command {
         #[arg(long)]
         quiet: bool,
     },
+    /// Export a Jupyter notebook that reloads a run and redraws its figures (numpy, pandas,
+    /// matplotlib, safetensors only).
+    ExportNotebook {
+        #[arg(long)]
+        run: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Write a self-contained HTML explorer of one example: heatmap per layer with a slider,
+    /// tokens coloured by attention, logit-lens trajectories, probe scores, flip.
+    Explore {
+        /// Model to run (required unless --run is given; with --run it re-runs the example).
+        #[arg(long)]
+        model: Option<String>,
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+        #[arg(long)]
+        image: Option<PathBuf>,
+        /// The question (without options; they are appended as "A. x B. y ...").
+        #[arg(long)]
+        question: Option<String>,
+        /// Option texts.
+        #[arg(long, num_args = 1..)]
+        options: Vec<String>,
+        /// The user's pushback after the model's first answer.
+        #[arg(long)]
+        pushback: Option<String>,
+        /// True option letter.
+        #[arg(long)]
+        answer: Option<char>,
+        /// Pushed option letter.
+        #[arg(long)]
+        pushed: Option<char>,
+        /// Probe weights (RUN/probes/<label>/weights.safetensors) to score each layer.
+        #[arg(long)]
+        probe: Option<PathBuf>,
+        /// A run directory, with --example.
+        #[arg(long)]
+        run: Option<PathBuf>,
+        #[arg(long)]
+        example: Option<String>,
+        /// Output .html file (or folder).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Write a seeded random-weight checkpoint (llava-hf layout) for demos and benchmarks.
     SynthModel {
         /// Architecture (llava).
@@ -629,6 +674,80 @@ pub fn run(cmd: Command) -> Result<()> {
                 run.display(),
                 t0.elapsed().as_secs_f64()
             );
+            Ok(())
+        }
+        Command::ExportNotebook { run, out } => {
+            let p = crate::export::export_notebook(&run, &out)?;
+            println!("wrote {}", p.display());
+            Ok(())
+        }
+        Command::Explore {
+            model,
+            dtype,
+            image,
+            question,
+            options,
+            pushback,
+            answer,
+            pushed,
+            probe,
+            run,
+            example,
+            out,
+        } => {
+            let load = |m: &str| {
+                ModelArgs {
+                    model: m.to_string(),
+                    dtype: dtype.clone(),
+                    device: "cpu".into(),
+                }
+                .load()
+            };
+            let p = if let Some(run) = run {
+                let id = example.ok_or_else(|| Error::input("explore --run needs --example ID"))?;
+                let m = model.as_deref().map(load).transpose()?;
+                crate::explorer::explore_run(&run, &id, m.as_deref(), &out)?
+            } else {
+                let m = load(model.as_deref().ok_or_else(|| Error::input("explore needs --model (or --run RUN --example ID)"))?)?;
+                let img_path = image.ok_or_else(|| Error::input("explore needs --image"))?;
+                let q = question.ok_or_else(|| Error::input("explore needs --question"))?;
+                if options.len() < 2 {
+                    return Err(Error::input("explore needs at least two --options"));
+                }
+                let letter = |c: Option<char>, what: &str| -> Result<Option<usize>> {
+                    match c {
+                        None => Ok(None),
+                        Some(c) => {
+                            let i = (c.to_ascii_uppercase() as u8).wrapping_sub(b'A') as usize;
+                            if i < options.len() {
+                                Ok(Some(i))
+                            } else {
+                                Err(Error::input(format!("--{what} {c}: not one of the {} option letters", options.len())))
+                            }
+                        }
+                    }
+                };
+                let listed: Vec<String> = options
+                    .iter()
+                    .enumerate()
+                    .map(|(i, o)| format!("{}. {o}", crate::protocol::items::Item::letter(i)))
+                    .collect();
+                let input = crate::explorer::ExploreInput {
+                    image: crate::preprocess::load_image(&img_path)?,
+                    question: format!("{q}\n{}\nAnswer with the option's letter from the given choices directly.", listed.join("\n")),
+                    options: options.clone(),
+                    answer: letter(answer, "answer")?,
+                    pushed: letter(pushed, "pushed")?,
+                    pushback: pushback.ok_or_else(|| Error::input("explore needs --pushback"))?,
+                    title: q.clone(),
+                    probe: probe
+                        .as_deref()
+                        .map(crate::probes::ProbeWeights::load_safetensors)
+                        .transpose()?,
+                };
+                crate::explorer::explore_model(m.as_ref(), &input, &out)?
+            };
+            println!("wrote {}", p.display());
             Ok(())
         }
         Command::SynthModel {
