@@ -96,6 +96,25 @@ fn repo_of(repo: &str, revision: &Option<String>, kind: RepoType) -> Repo {
     }
 }
 
+/// A file of a cached Hub repo: through `refs/<revision>`, or, for a revision that is a commit
+/// hash (40 hex digits), straight from `snapshots/<hash>/` as huggingface_hub does.
+fn cached_file(cache: &Cache, repo: &Repo, f: &str) -> Option<PathBuf> {
+    if let Some(p) = cache.repo(repo.clone()).get(f) {
+        return Some(p);
+    }
+    let rev = repo.revision();
+    if rev.len() == 40 && rev.chars().all(|c| c.is_ascii_hexdigit()) {
+        let p = cache
+            .path()
+            .join(repo.folder_name())
+            .join("snapshots")
+            .join(rev)
+            .join(f);
+        return p.exists().then_some(p);
+    }
+    None
+}
+
 /// Fetch `files` of a Hub repo (from the cache, or downloading when online) and return the
 /// snapshot folder. `required` files must exist; the others are fetched when present.
 pub fn hub_snapshot(
@@ -106,7 +125,7 @@ pub fn hub_snapshot(
     optional: &[&str],
 ) -> Result<PathBuf> {
     let cache = Cache::new(hub_cache_dir());
-    let crepo = cache.repo(repo_of(repo, revision, kind));
+    let hrepo = repo_of(repo, revision, kind);
     let mut dir: Option<PathBuf> = None;
     let note = |f: &str, p: &Path, dir: &mut Option<PathBuf>| {
         if dir.is_none() {
@@ -120,7 +139,7 @@ pub fn hub_snapshot(
     };
     if offline() {
         for f in required {
-            let p = crepo.get(f).ok_or_else(|| {
+            let p = cached_file(&cache, &hrepo, f).ok_or_else(|| {
                 Error::input(format!(
                     "HF_HUB_OFFLINE=1 and '{f}' of {repo} is not in the local cache ({}); download it once online or point to a local folder",
                     hub_cache_dir().display()
@@ -129,7 +148,7 @@ pub fn hub_snapshot(
             note(f, &p, &mut dir);
         }
         for f in optional {
-            if let Some(p) = crepo.get(f) {
+            if let Some(p) = cached_file(&cache, &hrepo, f) {
                 note(f, &p, &mut dir);
             }
         }
@@ -140,7 +159,7 @@ pub fn hub_snapshot(
             .map_err(|e| Error::msg(format!("hub client for {repo}: {e}")))?;
         let arepo = api.repo(repo_of(repo, revision, kind));
         for f in required {
-            let p = match crepo.get(f) {
+            let p = match cached_file(&cache, &hrepo, f) {
                 Some(p) => p,
                 None => arepo
                     .get(f)
@@ -149,7 +168,7 @@ pub fn hub_snapshot(
             note(f, &p, &mut dir);
         }
         for f in optional {
-            let p = crepo.get(f).or_else(|| arepo.get(f).ok());
+            let p = cached_file(&cache, &hrepo, f).or_else(|| arepo.get(f).ok());
             if let Some(p) = p {
                 note(f, &p, &mut dir);
             }
@@ -186,11 +205,15 @@ pub fn resolve_model(s: &str) -> Result<PathBuf> {
                 CHECKPOINT_FILES,
             )?;
             let index = "model.safetensors.index.json";
-            let idx = hub_snapshot(&repo, &revision, RepoType::Model, &[], &[index])?;
-            if idx.join(index).exists() {
-                let text = crate::error::read_to_string(idx.join(index))?;
-                let v: serde_json::Value = serde_json::from_str(&text)
-                    .map_err(|e| Error::config(idx.join(index), e.to_string()))?;
+            // optional: absent for single-file checkpoints (hub_snapshot then resolves nothing)
+            let idx = hub_snapshot(&repo, &revision, RepoType::Model, &[], &[index])
+                .ok()
+                .map(|d| d.join(index))
+                .filter(|p| p.exists());
+            if let Some(idx) = idx {
+                let text = crate::error::read_to_string(&idx)?;
+                let v: serde_json::Value =
+                    serde_json::from_str(&text).map_err(|e| Error::config(&idx, e.to_string()))?;
                 let mut shards: Vec<String> = v["weight_map"]
                     .as_object()
                     .map(|m| {

@@ -203,6 +203,23 @@ pub struct LlavaConfig {
     pub tie_word_embeddings: bool,
 }
 
+/// The key of a JSON object whose removal makes it deserialize as `T` (the key holding a value
+/// of the wrong kind), to name it in the error; `None` when `v` deserializes or no single key is
+/// at fault.
+fn key_at_fault<T: serde::de::DeserializeOwned>(v: &serde_json::Value) -> Option<String> {
+    let obj = v.as_object()?;
+    if serde_json::from_value::<T>(v.clone()).is_ok() {
+        return None;
+    }
+    obj.keys()
+        .find(|k| {
+            let mut o = obj.clone();
+            o.remove(k.as_str());
+            serde_json::from_value::<T>(serde_json::Value::Object(o)).is_ok()
+        })
+        .cloned()
+}
+
 /// Load a Llama decoder from `vb` (prefix `model.` holds embed/layers/norm; `lm_head` given).
 pub fn load_llama(
     vb_model: VarBuilder,
@@ -241,6 +258,10 @@ pub fn load_llama(
     let embed_w = vb_model
         .pp("embed_tokens")
         .get((c.vocab_size, d), "weight")?;
+    let head_name = lm_head_vb
+        .as_ref()
+        .map(|vb| format!("{}.weight", vb.prefix()))
+        .unwrap_or_else(|| "lm_head.weight".into());
     let lm_head = match lm_head_vb {
         Some(vb) if !c.tie_word_embeddings && vb.contains_tensor("weight") => {
             linear(vb, d, c.vocab_size, false)?
@@ -248,7 +269,7 @@ pub fn load_llama(
         _ => {
             if !c.tie_word_embeddings {
                 return Err(Error::Weights(format!(
-                    "{}: no lm_head.weight and tie_word_embeddings is false",
+                    "{}: no tensor {head_name}, and tie_word_embeddings is false",
                     path.display()
                 )));
             }
@@ -343,8 +364,17 @@ impl Llava {
                 cfg_v[k] = serde_json::json!({});
             }
         }
-        let cfg: LlavaConfig = serde_json::from_value(cfg_v.clone())
-            .map_err(|e| Error::config(&cfg_path, format!("not a LLaVA config: {e}")))?;
+        let cfg: LlavaConfig = serde_json::from_value(cfg_v.clone()).map_err(|e| {
+            let key = key_at_fault::<LlamaConfig>(&cfg_v["text_config"])
+                .map(|k| format!("text_config.{k}: "))
+                .or_else(|| {
+                    key_at_fault::<ClipVisionConfig>(&cfg_v["vision_config"])
+                        .map(|k| format!("vision_config.{k}: "))
+                })
+                .or_else(|| key_at_fault::<LlavaConfig>(&cfg_v).map(|k| format!("{k}: ")))
+                .unwrap_or_default();
+            Error::config(&cfg_path, format!("not a LLaVA config: {key}{e}"))
+        })?;
         let vb = crate::blocks::weights::var_builder(dir, opts.dtype, &opts.device)?;
         Self::from_vb(dir, cfg, vb)
     }
@@ -426,14 +456,26 @@ impl Llava {
             o => o,
         })?;
         let tokenizer = prepare::load_tokenizer(&dir.join("tokenizer.json"))?;
-        if tokenizer.id_to_token(cfg.image_token_index).is_none() {
-            return Err(Error::config(
-                dir.join("tokenizer.json"),
-                format!(
-                    "the tokenizer has no image token (id {} from config.json)",
-                    cfg.image_token_index
-                ),
-            ));
+        // the placeholder the template writes must be a token with config.json's id (a tokenizer
+        // without it would silently give the next added token that id)
+        let image_token = crate::source::read_json(&dir.join("processor_config.json"))
+            .ok()
+            .and_then(|v| v.get("image_token")?.as_str().map(String::from))
+            .unwrap_or_else(|| "<image>".into());
+        match tokenizer.token_to_id(&image_token) {
+            Some(id) if id == cfg.image_token_index => {}
+            found => {
+                return Err(Error::config(
+                    dir.join("tokenizer.json"),
+                    format!(
+                        "the tokenizer has no image token '{image_token}' with id {} (from config.json){}",
+                        cfg.image_token_index,
+                        found
+                            .map(|id| format!("; '{image_token}' has id {id}"))
+                            .unwrap_or_default()
+                    ),
+                ))
+            }
         }
         let template = ChatTemplate::from_dir(dir)?;
         let processor = ImageProcessor::from_dir(dir)?;

@@ -211,6 +211,12 @@ pub fn load(source: &str, opts: &LoadOptions) -> Result<Box<dyn Vlm>> {
 
 /// Load a model from a checkpoint folder.
 pub fn load_dir(dir: &Path, opts: &LoadOptions) -> Result<Box<dyn Vlm>> {
+    if opts.dtype == DType::BF16 && opts.device.is_cpu() {
+        // candle's CPU backend has no bf16 matmul: refuse here rather than fail mid-forward
+        return Err(Error::input(
+            "dtype bf16 is not supported on the CPU (candle's CPU backend has no bf16 matrix multiply); use f32 or f16 on the CPU (bf16 weight files load fine at either), or bf16 on cuda",
+        ));
+    }
     let cfg_path = dir.join("config.json");
     let cfg = crate::source::read_json(&cfg_path)?;
     let model_type = cfg.get("model_type").and_then(|m| m.as_str()).unwrap_or("");
