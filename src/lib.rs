@@ -22,6 +22,7 @@ pub mod error;
 pub mod export;
 pub mod families;
 pub mod hooks;
+pub mod organism;
 pub mod plots;
 pub mod prepare;
 pub mod preprocess;
