@@ -25,6 +25,7 @@ pub mod export;
 pub mod families;
 pub mod hooks;
 pub mod lens;
+pub mod organism;
 pub mod pipeline;
 pub mod plots;
 pub mod prepare;
