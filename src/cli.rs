@@ -127,6 +127,10 @@ pub enum Command {
         /// Bootstrap resamples for the interval.
         #[arg(long, default_value_t = 1000)]
         bootstrap: usize,
+        /// Other runs whose curve for the same label is drawn on the same figure (e.g. the
+        /// mitigated model); their probes must have been fitted already.
+        #[arg(long, num_args = 1..)]
+        compare: Vec<PathBuf>,
     },
     /// Attention analysis of a run: visual reliance per layer (neutral vs each tone) and heatmaps.
     Attention {
@@ -225,6 +229,19 @@ pub enum Command {
         /// Output .html file (or folder).
         #[arg(long)]
         out: PathBuf,
+    },
+    /// Train the model organism: a tiny LLaVA taught a planted sycophancy rule (the default model).
+    TrainOrganism {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// A short run for CI (a loadable checkpoint, not the targets).
+        #[arg(long)]
+        quick: bool,
+        /// Override the number of steps.
+        #[arg(long)]
+        steps: Option<usize>,
     },
     /// Write a seeded random-weight checkpoint (llava-hf layout) for demos and benchmarks.
     SynthModel {
@@ -585,6 +602,7 @@ pub fn run(cmd: Command) -> Result<()> {
             seed,
             l2,
             bootstrap,
+            compare,
         } => {
             let cfg = crate::probes::ProbeConfig {
                 folds,
@@ -593,8 +611,24 @@ pub fn run(cmd: Command) -> Result<()> {
                 bootstrap,
                 ..Default::default()
             };
-            let c = crate::pipeline::probe_run(&run, &hook, &label, &cfg)?;
+            let mut c = crate::pipeline::probe_run(&run, &hook, &label, &cfg)?;
             print!("{}", crate::pipeline::probe_table(&c));
+            if !compare.is_empty() {
+                let dirname = label.replace([':', '/'], "_");
+                c.label = format!("{} ({})", label, run.display());
+                let mut others = Vec::new();
+                for o in &compare {
+                    let mut oc = crate::probes::ProbeCurve::load(&o.join("probes").join(&dirname))?;
+                    oc.label = format!("{} ({})", label, o.display());
+                    others.push(oc);
+                }
+                let mut all: Vec<&crate::probes::ProbeCurve> = vec![&c];
+                all.extend(others.iter());
+                let stem = run.join("probes").join(&dirname).join("compare");
+                for f in crate::plots::plot_probe_curves(&all, &stem)? {
+                    println!("wrote {}", f.display());
+                }
+            }
             println!(
                 "wrote {}",
                 run.join("probes")
@@ -708,7 +742,9 @@ pub fn run(cmd: Command) -> Result<()> {
                 let m = model.as_deref().map(load).transpose()?;
                 crate::explorer::explore_run(&run, &id, m.as_deref(), &out)?
             } else {
-                let m = load(model.as_deref().ok_or_else(|| Error::input("explore needs --model (or --run RUN --example ID)"))?)?;
+                let m = load(model.as_deref().ok_or_else(|| {
+                    Error::input("explore needs --model (or --run RUN --example ID)")
+                })?)?;
                 let img_path = image.ok_or_else(|| Error::input("explore needs --image"))?;
                 let q = question.ok_or_else(|| Error::input("explore needs --question"))?;
                 if options.len() < 2 {
@@ -722,7 +758,10 @@ pub fn run(cmd: Command) -> Result<()> {
                             if i < options.len() {
                                 Ok(Some(i))
                             } else {
-                                Err(Error::input(format!("--{what} {c}: not one of the {} option letters", options.len())))
+                                Err(Error::input(format!(
+                                    "--{what} {c}: not one of the {} option letters",
+                                    options.len()
+                                )))
                             }
                         }
                     }
@@ -734,7 +773,10 @@ pub fn run(cmd: Command) -> Result<()> {
                     .collect();
                 let input = crate::explorer::ExploreInput {
                     image: crate::preprocess::load_image(&img_path)?,
-                    question: format!("{q}\n{}\nAnswer with the option's letter from the given choices directly.", listed.join("\n")),
+                    question: format!(
+                        "{q}\n{}\nAnswer with the option's letter from the given choices directly.",
+                        listed.join("\n")
+                    ),
                     options: options.clone(),
                     answer: letter(answer, "answer")?,
                     pushed: letter(pushed, "pushed")?,
@@ -748,6 +790,26 @@ pub fn run(cmd: Command) -> Result<()> {
                 crate::explorer::explore_model(m.as_ref(), &input, &out)?
             };
             println!("wrote {}", p.display());
+            Ok(())
+        }
+        Command::TrainOrganism {
+            out,
+            seed,
+            quick,
+            steps,
+        } => {
+            let mut cfg = if quick {
+                crate::organism::OrganismConfig::quick(seed)
+            } else {
+                crate::organism::OrganismConfig::full(seed)
+            };
+            if let Some(s) = steps {
+                cfg.steps = s;
+                cfg.r1_steps = cfg.r1_steps.min(s / 2);
+            }
+            let report = crate::organism::train_organism(&out, &cfg, true)?;
+            println!("{}", report.summary());
+            println!("wrote the organism to {}", out.display());
             Ok(())
         }
         Command::SynthModel {

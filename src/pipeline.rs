@@ -346,6 +346,7 @@ pub fn attention_heatmaps(
             "the store has no decision-row image attention (blocks.*.attn.image)",
         ));
     }
+    let composed = store.hooks().iter().any(|h| h == "qformer.crossattn");
     let n_layers = hooks.len();
     let (a, b) = layers.unwrap_or((n_layers / 2, n_layers));
     if a >= b || b > n_layers {
@@ -361,9 +362,23 @@ pub fn attention_heatmaps(
             .into_dimensionality::<ndarray::Ix2>()
             .map_err(|e| Error::msg(e.to_string()))?;
         let mean = crate::attention::mean_over_heads(x2.view())?;
+        if mean.len() != grid.0 * grid.1 && composed {
+            // Q-Former family: decision -> queries, composed with queries -> patches
+            let ca = store.read_rows("qformer.crossattn", &[row])?;
+            let ca2 = ca
+                .index_axis(Axis(0), 0)
+                .to_owned()
+                .into_dimensionality::<ndarray::Ix2>()
+                .map_err(|e| Error::msg(e.to_string()))?;
+            let n = ca2.ncols();
+            let patches = ca2.slice(ndarray::s![.., n - grid.0 * grid.1..]).to_owned();
+            let v = crate::attention::compose_qformer(&mean, patches.view())?;
+            return crate::attention::grid_from_values(&v, grid.0, grid.1);
+        }
         crate::attention::grid_from_values(&mean, grid.0, grid.1)
     };
-    let opts = crate::attention::HeatmapOptions::default();
+    let mut opts = crate::attention::HeatmapOptions::default();
+    opts.composed_qformer = composed;
     let dir = run.join("attention");
     let mut files = Vec::new();
     let panels: Vec<(String, image::RgbImage, Array2<f32>)> = hooks

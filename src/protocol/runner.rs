@@ -566,6 +566,12 @@ fn reduce_row(
             }
             continue;
         }
+        if k.starts_with("qformer.") && k.ends_with("crossattn.hook_pattern") {
+            // [h, q, n] -> mean over heads [q, n]
+            let mean = r.mean(0)?;
+            out.push(("qformer.crossattn".into(), to_nd(&mean)?));
+            continue;
+        }
         if k.ends_with("hook_resid_post@last") {
             lens_rows.push(r.clone());
         }
@@ -637,6 +643,31 @@ impl<'a> Evaluator<'a> {
         if let Some(a) = &opts.amplify {
             spec.score_edits.push(a.score_edit(model.info().n_layers)?);
         }
+        if opts.capture.is_some() {
+            // Q-Former families: the decision token attends to query tokens; keep the last
+            // cross-attention layer so heatmaps can compose the two maps onto the patches
+            if let Some(last) = model
+                .hook_points()
+                .iter()
+                .filter(|h| {
+                    matches!(
+                        h,
+                        HookPoint::Block {
+                            tower: crate::hooks::Tower::Qformer,
+                            site: Site::CrossPattern,
+                            ..
+                        }
+                    )
+                })
+                .max()
+            {
+                spec.captures.push(crate::hooks::Capture {
+                    pattern: last.to_string(),
+                    positions: Positions::All,
+                    reduce: crate::hooks::Reduce::None,
+                });
+            }
+        }
         let resolved = spec.resolve(&model.hook_points())?;
         Ok(Evaluator {
             model,
@@ -699,7 +730,7 @@ impl<'a> Evaluator<'a> {
                 r1_cached.push(
                     tensors
                         .iter()
-                        .filter(|(k, _)| k.contains("@image"))
+                        .filter(|(k, _)| k.contains("@image") || k.starts_with("qformer."))
                         .cloned()
                         .collect(),
                 );
