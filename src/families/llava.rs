@@ -690,26 +690,9 @@ impl Vlm for Llava {
         logits_for: LogitsFor,
     ) -> Result<Tensor> {
         let dev = self.lm.embed.embeddings().device().clone();
-        let (ids, valid_new, positions, next) =
-            common::extend_rows(state, new_ids, self.pad_id, &dev)?;
-        let past = state.valid.first().map(|v| v.len()).unwrap_or(0);
-        let mut valid_all = state.valid.clone();
-        for (a, n) in valid_all.iter_mut().zip(&valid_new) {
-            a.extend_from_slice(n);
-        }
-        if let Some(sp) = new_spans {
-            state.spans = sp
-                .iter()
-                .zip(&valid_all)
-                .map(|(s, v)| common::layout_spans(s, v))
-                .collect();
-        } else {
-            for (s, v) in state.spans.iter_mut().zip(&valid_all) {
-                s.len = v.len();
-            }
-        }
-        ctx.set_spans(state.spans.clone());
-        ctx.offset = past;
+        let step = common::begin_extend(state, new_ids, new_spans, self.pad_id, &dev, ctx)?;
+        let (ids, positions, valid_all, past) =
+            (&step.ids, &step.positions, &step.valid_all, step.past);
         let embeds = self.lm.embed_tokens(&ids)?;
         let out = self.run_lm(
             embeds,
@@ -720,8 +703,7 @@ impl Vlm for Llava {
             ctx,
             logits_for,
         )?;
-        state.valid = valid_all;
-        state.next_pos = next;
+        step.finish(state);
         Ok(out)
     }
 
