@@ -377,8 +377,10 @@ pub fn attention_heatmaps(
         }
         crate::attention::grid_from_values(&mean, grid.0, grid.1)
     };
-    let mut opts = crate::attention::HeatmapOptions::default();
-    opts.composed_qformer = composed;
+    let opts = crate::attention::HeatmapOptions {
+        composed_qformer: composed,
+        ..Default::default()
+    };
     let dir = run.join("attention");
     let mut files = Vec::new();
     let panels: Vec<(String, image::RgbImage, Array2<f32>)> = hooks

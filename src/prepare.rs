@@ -45,6 +45,9 @@ pub fn token_id(tok: &Tokenizer, token: &str) -> Option<u32> {
     tok.token_to_id(token)
 }
 
+/// A message's role and byte range `[start, end)` in the rendered text.
+pub type MessageBounds = (String, usize, usize);
+
 /// Render `messages` and compute each message's byte range in the rendered text, by rendering
 /// growing prefixes of the conversation. Falls back to locating each message's text when the
 /// template is not prefix-stable.
@@ -52,7 +55,7 @@ pub fn render_with_bounds(
     tmpl: &ChatTemplate,
     messages: &[Message],
     add_generation_prompt: bool,
-) -> Result<(String, Vec<(String, usize, usize)>)> {
+) -> Result<(String, Vec<MessageBounds>)> {
     let full = tmpl.render(messages, add_generation_prompt)?;
     let mut bounds = Vec::with_capacity(messages.len());
     let mut prev = 0usize;

@@ -141,7 +141,7 @@ impl ImageProcessor {
                 None
             },
             mean: triple(v, "image_mean", [0.48145466, 0.4578275, 0.40821073], path)?,
-            std: triple(v, "image_std", [0.26862954, 0.26130258, 0.27577711], path)?,
+            std: triple(v, "image_std", [0.26862954, 0.261_302_6, 0.275_777_1], path)?,
             normalize: b("do_normalize", true),
         })
     }

@@ -312,14 +312,16 @@ pub fn init_value(name: &str, shape: &[usize], std: f64, rng: &mut ChaCha8Rng) -
 
 /// Write a complete seeded random-weight LLaVA checkpoint to `dir`.
 pub fn write_llava(dir: &Path, c: &SynthLlavaConfig, dtype: DType) -> Result<()> {
-    if c.hidden % c.heads != 0 || c.vision_hidden % c.vision_heads != 0 || c.heads % c.kv_heads != 0
+    if !c.hidden.is_multiple_of(c.heads)
+        || !c.vision_hidden.is_multiple_of(c.vision_heads)
+        || !c.heads.is_multiple_of(c.kv_heads)
     {
         return Err(Error::input(format!(
             "synth-model: hidden {} must divide by heads {} (and heads by kv heads {}), vision hidden {} by vision heads {}",
             c.hidden, c.heads, c.kv_heads, c.vision_hidden, c.vision_heads
         )));
     }
-    if c.image_size % c.patch_size != 0 {
+    if !c.image_size.is_multiple_of(c.patch_size) {
         return Err(Error::input(format!(
             "synth-model: image size {} must be a multiple of the patch size {}",
             c.image_size, c.patch_size

@@ -128,6 +128,9 @@ pub fn empty_state(model: &dyn Vlm, b: usize) -> DecodeState {
     }
 }
 
+/// New ids `[b, n]`, their valid bits, positions `[b, n]`, next positions.
+pub type ExtendRows = (Tensor, Vec<Vec<u8>>, Tensor, Vec<u32>);
+
 /// Left-pad new tokens for [`Vlm::extend`]: returns ids `[b, n]`, the new valid bits, positions
 /// `[b, n]` continuing each row's count, and the updated next positions.
 pub fn extend_rows(
@@ -135,7 +138,7 @@ pub fn extend_rows(
     new_ids: &[Vec<u32>],
     pad_id: u32,
     device: &Device,
-) -> Result<(Tensor, Vec<Vec<u8>>, Tensor, Vec<u32>)> {
+) -> Result<ExtendRows> {
     if new_ids.len() != state.batch() {
         return Err(Error::input(format!(
             "extend: {} rows of new tokens for a state of {} rows",

@@ -693,11 +693,11 @@ impl Vlm for Llava {
         let step = common::begin_extend(state, new_ids, new_spans, self.pad_id, &dev, ctx)?;
         let (ids, positions, valid_all, past) =
             (&step.ids, &step.positions, &step.valid_all, step.past);
-        let embeds = self.lm.embed_tokens(&ids)?;
+        let embeds = self.lm.embed_tokens(ids)?;
         let out = self.run_lm(
             embeds,
-            &positions,
-            &valid_all,
+            positions,
+            valid_all,
             past,
             Some(&mut state.cache),
             ctx,

@@ -533,12 +533,12 @@ impl Vlm for PaliGemma {
         let step = common::begin_extend(state, new_ids, new_spans, self.pad_id, &dev, ctx)?;
         let (ids, positions, valid_all, past) =
             (&step.ids, &step.positions, &step.valid_all, step.past);
-        let embeds = self.lm.embed_tokens(&ids)?;
+        let embeds = self.lm.embed_tokens(ids)?;
         let prefix_end = state.prefix_end.clone();
         let out = self.run_lm(
             embeds,
-            &positions,
-            &valid_all,
+            positions,
+            valid_all,
             &prefix_end,
             past,
             Some(&mut state.cache),

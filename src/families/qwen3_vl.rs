@@ -911,8 +911,8 @@ impl Vlm for Qwen3Vl {
             .map(|r| r.into_iter().map(|p| [p; 3]).collect())
             .collect();
         let rope = self.mrope.tables(&pos, &dev)?;
-        let m = mask::causal(&valid_all, past, &dev)?;
-        let embeds = self.lm.embed_tokens(&ids)?;
+        let m = mask::causal(valid_all, past, &dev)?;
+        let embeds = self.lm.embed_tokens(ids)?;
         let out = self.lm.forward(
             embeds,
             Some(&rope),

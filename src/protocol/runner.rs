@@ -614,6 +614,9 @@ fn reduce_row(
     Ok(out)
 }
 
+/// Reduced captures of one stored row, by hook name.
+pub type NamedArrays = Vec<(String, ndarray::ArrayD<f32>)>;
+
 /// What one evaluation step needs.
 pub struct Evaluator<'a> {
     pub model: &'a dyn Vlm,
@@ -627,7 +630,7 @@ pub struct Evaluator<'a> {
 pub struct BatchResult {
     pub records: Vec<ExampleRecord>,
     /// Store rows: (meta, tensors).
-    pub rows: Vec<(RowMeta, Vec<(String, ndarray::ArrayD<f32>)>)>,
+    pub rows: Vec<(RowMeta, NamedArrays)>,
     /// Number of image encodings done.
     pub image_encodings: usize,
 }
