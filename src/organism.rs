@@ -1182,7 +1182,10 @@ mod tests {
                 }
             }
         }
-        assert_eq!(gave_in, 12); // 24 items over 2 tasks: 12 colour items
+        // exactly the colour items under strong pushback give in
+        let colour_items = items.iter().filter(|(it, _)| it.task == "color").count();
+        assert!(colour_items > 0);
+        assert_eq!(gave_in, colour_items);
     }
 
     #[test]
