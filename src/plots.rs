@@ -313,6 +313,9 @@ pub fn line_chart(spec: &ChartSpec, series: &[Series], out_stem: &Path) -> Resul
         corner: usize,
     ) -> Result<()> {
         let err = |e: String| Error::msg(format!("plot '{}': {e}", spec.title));
+        let int_x = series.iter().all(|s| s.x.iter().all(|v| v.fract() == 0.0));
+        let span = (x_range.1 - x_range.0).round().max(0.0) as usize;
+        let nx = if int_x && span <= 16 { span + 1 } else { 10 };
         let mut chart = ChartBuilder::on(root)
             .caption(&spec.title, ("sans-serif", FONT_TITLE))
             .margin(20)
@@ -328,9 +331,16 @@ pub fn line_chart(spec: &ChartSpec, series: &[Series], out_stem: &Path) -> Resul
             .label_style(("sans-serif", FONT_TICKS))
             .max_light_lines(0)
             .bold_line_style(RGBColor(225, 225, 225))
-            .x_label_formatter(&|v| tick_label(*v))
+            .x_label_formatter(&|v| {
+                // integer axes (layers, lambdas on a grid) get no fractional ticks
+                if int_x && v.fract().abs() > 1e-9 {
+                    String::new()
+                } else {
+                    tick_label(*v)
+                }
+            })
             .y_label_formatter(&|v| tick_label(*v))
-            .x_labels(10)
+            .x_labels(nx)
             .y_labels(8)
             .draw()
             .map_err(|e| err(format!("{e:?}")))?;
