@@ -420,3 +420,56 @@ fn coeffs(
     }
     (bounds, kk, ksize)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rgb_conversion_grayscale_rgba_and_palette() {
+        // grayscale replicates the channel
+        let g = image::GrayImage::from_pixel(2, 2, image::Luma([77]));
+        assert_eq!(
+            to_rgb(&DynamicImage::ImageLuma8(g)).get_pixel(0, 0).0,
+            [77, 77, 77]
+        );
+        // transparent pixels are composited on white, opaque ones kept, half alpha blended
+        let mut a = image::RgbaImage::new(3, 1);
+        a.put_pixel(0, 0, image::Rgba([10, 20, 30, 0]));
+        a.put_pixel(1, 0, image::Rgba([10, 20, 30, 255]));
+        a.put_pixel(2, 0, image::Rgba([0, 0, 0, 128]));
+        let rgb = to_rgb(&DynamicImage::ImageRgba8(a));
+        assert_eq!(rgb.get_pixel(0, 0).0, [255, 255, 255]);
+        assert_eq!(rgb.get_pixel(1, 0).0, [10, 20, 30]);
+        assert_eq!(rgb.get_pixel(2, 0).0, [127, 127, 127]);
+        // a palette PNG decodes to its colours
+        let mut enc = Vec::new();
+        {
+            let mut e = png::Encoder::new(&mut enc, 2, 1);
+            e.set_color(png::ColorType::Indexed);
+            e.set_depth(png::BitDepth::Eight);
+            e.set_palette(vec![255u8, 0, 0, 0, 0, 255]);
+            let mut w = e.write_header().unwrap();
+            w.write_image_data(&[0, 1]).unwrap();
+        }
+        let img = decode_image(&enc).unwrap();
+        let rgb = to_rgb(&img);
+        assert_eq!(rgb.get_pixel(0, 0).0, [255, 0, 0]);
+        assert_eq!(rgb.get_pixel(1, 0).0, [0, 0, 255]);
+        // an undecodable file is a clear error
+        assert!(decode_image(b"not an image")
+            .unwrap_err()
+            .to_string()
+            .contains("does not decode"));
+    }
+
+    #[test]
+    fn shortest_edge_sizes_follow_transformers() {
+        assert_eq!(resized_size(&Resize::ShortestEdge(84), 90, 120), (84, 112));
+        assert_eq!(
+            resized_size(&Resize::ShortestEdge(336), 480, 640),
+            (336, 448)
+        );
+        assert_eq!(resized_size(&Resize::ShortestEdge(84), 100, 100), (84, 84));
+    }
+}
