@@ -286,3 +286,50 @@ impl ExtendStep {
         state.next_pos = self.next;
     }
 }
+
+/// Token embeddings of a padded batch with each input's image features merged at the image-token
+/// positions; `features` turns the stacked pixel values into `[n_image_tokens, d]` rows (running
+/// the family's vision tower and projector under the hook context).
+pub fn embed_with_images(
+    lm: &crate::blocks::Decoder,
+    inputs: &[&Prepared],
+    padded: &Padded,
+    image_token_id: u32,
+    dtype: DType,
+    ctx: &mut crate::hooks::HookCtx,
+    features: impl FnOnce(&Tensor, &mut crate::hooks::HookCtx) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let pix: Vec<&Tensor> = inputs
+        .iter()
+        .filter_map(|p| p.pixel_values.as_ref())
+        .collect();
+    let embeds = lm.embed_tokens(&padded.ids)?;
+    if pix.is_empty() {
+        return Ok(embeds);
+    }
+    let pixels = Tensor::cat(&pix, 0)?.to_dtype(dtype)?;
+    let feats = features(&pixels, ctx)?;
+    merge_features(&embeds, &padded.ids, image_token_id, &feats)
+}
+
+/// Run a prefill (`run` gets the cache to fill, if decoding follows) and record the batch in the
+/// decoding state: validity, next positions, span tables and prefix ends.
+pub fn prefill(
+    state: Option<&mut DecodeState>,
+    padded: Padded,
+    next: Vec<u32>,
+    prefix_end: Vec<usize>,
+    run: impl FnOnce(Option<&mut KvCache>) -> Result<Tensor>,
+) -> Result<Tensor> {
+    match state {
+        Some(st) => {
+            let out = run(Some(&mut st.cache))?;
+            st.valid = padded.valid;
+            st.next_pos = next;
+            st.spans = padded.spans;
+            st.prefix_end = prefix_end;
+            Ok(out)
+        }
+        None => run(None),
+    }
+}

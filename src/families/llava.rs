@@ -647,38 +647,21 @@ impl Vlm for Llava {
     ) -> Result<Tensor> {
         let dev = self.lm.embed.embeddings().device().clone();
         let padded = common::pad_inputs(inputs, self.pad_id, &dev)?;
-        let pix: Vec<&Tensor> = inputs
-            .iter()
-            .filter_map(|p| p.pixel_values.as_ref())
-            .collect();
-        let embeds = self.lm.embed_tokens(&padded.ids)?;
-        let embeds = if pix.is_empty() {
-            embeds
-        } else {
-            let pixels = Tensor::cat(&pix, 0)?.to_dtype(self.info.dtype)?;
-            let feats = self.image_features(&pixels, ctx)?;
-            common::merge_features(&embeds, &padded.ids, self.info.image_token_id, &feats)?
-        };
+        let embeds = common::embed_with_images(
+            &self.lm,
+            inputs,
+            &padded,
+            self.info.image_token_id,
+            self.info.dtype,
+            ctx,
+            |pixels, ctx| self.image_features(pixels, ctx),
+        )?;
         let (positions, next) = common::positions(&padded.valid, &dev)?;
         ctx.set_spans(padded.spans.clone());
-        match state {
-            Some(st) => {
-                let out = self.run_lm(
-                    embeds,
-                    &positions,
-                    &padded.valid,
-                    0,
-                    Some(&mut st.cache),
-                    ctx,
-                    logits_for,
-                )?;
-                st.valid = padded.valid;
-                st.next_pos = next;
-                st.spans = padded.spans;
-                Ok(out)
-            }
-            None => self.run_lm(embeds, &positions, &padded.valid, 0, None, ctx, logits_for),
-        }
+        let valid = padded.valid.clone();
+        common::prefill(state, padded, next, Vec::new(), |cache| {
+            self.run_lm(embeds, &positions, &valid, 0, cache, ctx, logits_for)
+        })
     }
 
     fn extend(
