@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::str::FromStr;
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
 use crate::spans::Spans;
@@ -864,11 +864,6 @@ fn is_contiguous_range(idx: &[usize]) -> bool {
 /// Build a `[n]` f32 vector tensor on `device` (for steering vectors).
 pub fn vector(values: &[f32], device: &Device) -> Result<Tensor> {
     Ok(Tensor::from_slice(values, values.len(), device)?)
-}
-
-/// Mean over the last axis helper used by tests and analyses.
-pub fn mean_last(x: &Tensor) -> Result<Tensor> {
-    Ok(x.mean(D::Minus1)?)
 }
 
 #[cfg(test)]

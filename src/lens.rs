@@ -26,33 +26,8 @@ pub fn option_letter_ids(model: &dyn Vlm, prompt_text: &str, n_options: usize) -
             "option letters: {n_options} options asked for; expected 1 to 26 (A-Z)"
         )));
     }
-    let tok = model.tokenizer();
-    let enc = |text: &str| -> Result<Vec<u32>> {
-        tok.encode(text, false)
-            .map(|e| e.get_ids().to_vec())
-            .map_err(|e| Error::msg(format!("option letters: tokenizer failed: {e}")))
-    };
-    let base = enc(prompt_text)?;
-    let mut ids = Vec::with_capacity(n_options);
-    for i in 0..n_options {
-        let letter = (b'A' + i as u8) as char;
-        let full = enc(&format!("{prompt_text} {letter}"))?;
-        if full.len() <= base.len() || full[..base.len()] != base[..] {
-            return Err(Error::input(format!(
-                "option letters: the prompt followed by \" {letter}\" does not tokenise as the prompt's tokens plus a letter token (the letter merges with the prompt's end); cannot read option '{letter}'"
-            )));
-        }
-        let id = full[base.len()];
-        if let Some(j) = ids.iter().position(|&x| x == id) {
-            return Err(Error::input(format!(
-                "option letters: '{}' and '{letter}' both start with token {id} ({:?}); the tokenizer does not write option letters as single tokens",
-                (b'A' + j as u8) as char,
-                tok.id_to_token(id).unwrap_or_default()
-            )));
-        }
-        ids.push(id);
-    }
-    Ok(ids)
+    // the same reading the protocol runner uses (prompt + " " + letter, one token per letter)
+    Ok(crate::protocol::runner::letters_after_prompt(model, prompt_text, " ", n_options)?.ids)
 }
 
 /// Softmax of `logits` (f64 accumulation; `-inf` entries get 0). Errors on NaN, `+inf` or when

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::blocks::LogitsFor;
@@ -180,6 +180,19 @@ pub fn letter_tokens(
         }
         _ => " ".to_string(),
     };
+    letters_after_prompt(model, &prompt, &sep, n)
+}
+
+/// The letter tokens that follow `prompt` when the answer is written as `prompt + sep + letter`
+/// (also trying `" "` and `""`): each letter must add exactly one token that decodes to it, and
+/// no two letters may share a token.
+pub fn letters_after_prompt(
+    model: &dyn Vlm,
+    prompt: &str,
+    sep: &str,
+    n: usize,
+) -> Result<LetterTokens> {
+    let sep = sep.to_string();
     let tok = model.tokenizer();
     let enc = |t: &str| -> Result<Vec<u32>> {
         Ok(tok
@@ -188,7 +201,7 @@ pub fn letter_tokens(
             .get_ids()
             .to_vec())
     };
-    let base = enc(&prompt)?;
+    let base = enc(prompt)?;
     let mut ids = Vec::with_capacity(n);
     let mut tokens = Vec::with_capacity(n);
     for i in 0..n {
@@ -1274,34 +1287,4 @@ pub fn merge(shards: &[PathBuf], out: &Path) -> Result<Summary> {
         w.finish()?;
     }
     write_summary(out)
-}
-
-/// Attention hooks captured by the default spec (for documentation and checks).
-pub fn default_hooks(n_layers: usize) -> Vec<HookPoint> {
-    (0..n_layers)
-        .flat_map(|i| {
-            [
-                HookPoint::lm(i, Site::ResidPost),
-                HookPoint::lm(i, Site::Pattern),
-            ]
-        })
-        .collect()
-}
-
-/// Mean of the option probabilities over a set of records (used by sweeps).
-pub fn mean_prob(records: &[ExampleRecord]) -> f64 {
-    let v: Vec<f64> = records
-        .iter()
-        .map(|r| r.r1.probs[r.answer] as f64)
-        .collect();
-    if v.is_empty() {
-        0.0
-    } else {
-        v.iter().sum::<f64>() / v.len() as f64
-    }
-}
-
-#[allow(dead_code)]
-fn last_dim(t: &Tensor) -> Result<usize> {
-    Ok(t.dim(D::Minus1)?)
 }
